@@ -1,0 +1,130 @@
+"""`llmtrain` command line: a thin layer over plain typed functions.
+
+Each sub-command parses its arguments and calls one function from the module that owns the
+work (imported lazily so `llmtrain --help` stays fast). A `UserError` anywhere prints one line
+`llmtrain: error: ...` and exits with status 2; no traceback.
+
+    llmtrain --help
+    llmtrain tokenizer --input corpus/ --vocab-size 8000 --output tok/
+    llmtrain prepare --input corpus/ --tokenizer tok/ --seq-len 256 --output data/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from llmtrain.errors import UserError
+
+Command = Callable[[argparse.Namespace], Optional[int]]
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = []
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register `fn(args)` as sub-command `name`; `arguments(parser)` declares its flags."""
+
+    def register(fn: Command) -> Command:
+        _COMMANDS.append((name, help, arguments, fn))
+        return fn
+
+    return register
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config keys")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL/Parquet files, directories or globs")
+    p.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--max-sentences", type=int, default=2_000_000, metavar="N", help="sample at most N training sentences")
+    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+
+
+@command("tokenizer", "train a sentencepiece BPE tokenizer (byte fallback, chat tokens)", _tokenizer_args)
+def _tokenizer(args: argparse.Namespace) -> None:
+    from llmtrain.data.tokenizer import train_tokenizer
+
+    train_tokenizer(args.input, args.vocab_size, args.output, max_sentences=args.max_sentences, threads=args.threads)
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL/Parquet files, directories or globs")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="our tokenizer dir or a Hugging Face checkpoint dir")
+    p.add_argument("--seq-len", type=int, required=True, metavar="N")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, metavar="T", help="approximate tokens per shard")
+    p.add_argument("--workers", type=int, default=None, metavar="W", help="default: all cores")
+    p.add_argument("--min-chars", type=int, default=16, help="drop documents shorter than this after cleaning")
+    p.add_argument("--text-column", default="text", help="column holding the text in JSONL/Parquet inputs")
+    p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+
+
+@command("prepare", "clean, deduplicate, tokenize and pack text into Arrow token shards", _prepare_args)
+def _prepare(args: argparse.Namespace) -> None:
+    from llmtrain.data.prepare import prepare
+
+    prepare(
+        args.input,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        output=args.output,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        min_chars=args.min_chars,
+        text_column=args.text_column,
+        force=args.force,
+    )
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a prepared directory")
+
+
+@command("verify", "check every shard of a prepared directory against its manifest (sha256)", _verify_args)
+def _verify(args: argparse.Namespace) -> None:
+    from llmtrain.data.shards import verify
+
+    verify(args.dir)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain",
+        description="Distributed training of decoder language models on Ray + DeepSpeed.",
+    )
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, arguments, fn in _COMMANDS:
+        p = subs.add_parser(name, help=help_text, description=help_text)
+        arguments(p)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args._fn(args)
+    except UserError as err:
+        print(f"llmtrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("llmtrain: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

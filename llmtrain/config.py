@@ -1,0 +1,273 @@
+"""Typed job configuration: YAML file + dotted `key.sub=value` overrides -> `JobConfig`.
+
+Every section forbids unknown keys. A mistake becomes one `UserError` line that names the
+file, the key and the fix, e.g.
+
+    configs/tiny-pretrain.yaml: train.max_stpes: unknown key (did you mean 'max_steps'?)
+
+Usage:
+    cfg = load_config("configs/tiny-pretrain.yaml", ["train.max_steps=20", "zero.stage=3"])
+    write_resolved_config(cfg, cfg.run.dir)   # RUN_DIR/config.yaml
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmtrain.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class RunSection(Section):
+    dir: Path = Path("runs/default")
+    seed: int = 0
+
+
+class ModelSection(Section):
+    preset: str = "tiny"
+    """Named architecture preset (llmtrain.model.presets); ignored when `from` is set."""
+    from_: Optional[str] = Field(default=None, alias="from")
+    """Start from weights: a Hugging Face checkpoint directory, one of our run directories,
+    or one checkpoint directory inside a run."""
+    vocab_size: Optional[int] = Field(default=None, ge=2)
+    """Default: the tokenizer's vocabulary size (from the data manifest)."""
+    max_seq_len: Optional[int] = Field(default=None, ge=2)
+    activation_checkpointing: bool = False
+
+
+class MixtureEntry(Section):
+    path: Path
+    weight: float
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, weight: float) -> float:
+        if not weight > 0:
+            raise ValueError(f"mixture weight must be > 0, got {weight}; give every source a positive weight or remove it")
+        return weight
+
+
+class DataSection(Section):
+    path: Optional[Path] = None
+    """Pretraining: a prepared directory (`llmtrain prepare`). SFT: a JSONL/JSON/Parquet file."""
+    mixture: list[MixtureEntry] = Field(default_factory=list)
+    """Pretraining alternative to `path`: several prepared directories with sampling weights."""
+
+
+class TrainSection(Section):
+    max_steps: int = Field(default=100, ge=1)
+    global_batch_size: int = Field(default=8, ge=1)
+    """Sequences per optimizer step over all ranks (= micro_batch_size x grad accumulation x world)."""
+    micro_batch_size: int = Field(default=2, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """WSD only: the final fraction of steps over which the LR decays to min_lr."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    """0 disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU (bf16 matmul is ~100x slower on AVX2 CPUs)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run.dir if there is one;
+    never: start fresh (refuses a run.dir that has checkpoints); or a checkpoint path."""
+    log_every: int = Field(default=1, ge=1)
+    val_every: int = Field(default=0, ge=0)
+    """Validation every N steps; 0 = only before the first and after the last step."""
+    val_batches: int = Field(default=4, ge=1)
+    max_bad_steps: int = Field(default=5, ge=1)
+    """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
+
+
+class ZeroSection(Section):
+    stage: int = Field(default=2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "ZeroSection":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3; set zero.stage=3 or zero.offload_params=false")
+        return self
+
+
+class CheckpointSection(Section):
+    every: int = Field(default=0, ge=0)
+    """Save every N steps (and always at the end); 0 = only at the end."""
+    keep: int = Field(default=3, ge=1)
+
+
+class ClusterSection(Section):
+    address: Optional[str] = None
+    """None: an embedded local Ray runtime. Else an existing cluster (`ray://host:10001` or `auto`)."""
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: Optional[bool] = None
+    """Default: true when CUDA is available on the driver."""
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=1, gt=0)
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker-group restarts Ray Train allows (-1 = unlimited); each resumes from the newest checkpoint."""
+    placement: Literal["pack", "spread"] = "pack"
+
+
+class KernelsSection(Section):
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """auto: Triton on CUDA, PyTorch reference elsewhere. `LLMTRAIN_KERNELS` overrides."""
+
+
+class LoraSection(Section):
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class JobConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    kernels: KernelsSection = Field(default_factory=KernelsSection)
+    lora: Optional[LoraSection] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), source_name: str | None = None) -> JobConfig:
+    """Read `path` (YAML mapping; None = all defaults), apply `key.sub=value` overrides, validate."""
+    where = source_name or (str(path) if path is not None else "<defaults>")
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{where}: {_describe(err, raw)}") from None
+
+
+def write_resolved_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the fully resolved config to RUN_DIR/config.yaml (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(f".yaml.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, target)
+    return target
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections (run:, model:, train:, ...)")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{item}': expected key.sub=value, e.g. train.max_steps=20")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "<top>"
+    if first["type"] == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        known = sorted(_field_names(section)) if section else []
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(known)}"
+        return f"{key}: unknown key ({fix})"
+    given = _lookup(raw, loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    shown = f" (got {given!r})" if given is not _MISSING else ""
+    return f"{key}: {msg}{shown}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, loc: list[str]) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
+            raw = raw[int(part)]
+        else:
+            return _MISSING
+    return raw
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+def _section_model(loc: list[str]) -> Optional[type[BaseModel]]:
+    model: Any = JobConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        if part not in fields:
+            return None
+        model = _model_in(fields[part].annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""Data path: tokenizer training, raw text -> Arrow token shards, and the resumable loader."""

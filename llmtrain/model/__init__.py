@@ -1,0 +1,1 @@
+"""The decoder model, its presets, and the bridge to Hugging Face checkpoint directories."""
