@@ -98,6 +98,35 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training and models
+
+
+@command("pretrain", "pretrain a decoder on prepared token shards (Ray Train + DeepSpeed ZeRO)", _config_args)
+def _pretrain(args: argparse.Namespace) -> None:
+    from llmtrain.config import load_config
+    from llmtrain.launch import launch
+    from llmtrain.report import print_run_summary
+
+    cfg = load_config(args.config, args.overrides)
+    launch(cfg, "pretrain")
+    print_run_summary(cfg.run.dir)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its newest checkpoint) or one checkpoint directory")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step instead of the newest")
+
+
+@command("export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage)", _export_args)
+def _export(args: argparse.Namespace) -> None:
+    from llmtrain.export import export
+
+    out = export(args.run_dir, args.output, step=args.step)
+    print(f"exported {out}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,111 @@
+"""Where this training process runs: rank, world size, device and process group.
+
+The same training loop runs inside a Ray Train worker (the normal path: Ray Train has already
+created the process group), under `torchrun` (RANK/WORLD_SIZE/MASTER_ADDR in the environment),
+or as one plain process (tests, debugging). `WorkerContext.start()` figures out which, makes
+sure a process group exists (gloo on CPU, NCCL on GPU), pins the device and sets LOCAL_RANK
+explicitly so DeepSpeed's hostname-based guesses cannot pick the wrong device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    in_ray: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @staticmethod
+    def start(use_gpu: Optional[bool] = None) -> "WorkerContext":
+        in_ray = _in_ray_train_worker()
+        if in_ray:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+            device = ray.train.torch.get_device()
+        else:
+            rank = int(os.environ.get("RANK", 0))
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+            device = torch.device("cuda", local) if gpu else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            os.environ["LOCAL_RANK"] = str(device.index)
+        else:
+            os.environ["LOCAL_RANK"] = str(local)
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        if not dist.is_initialized():
+            _init_process_group(rank, world, "nccl" if device.type == "cuda" else "gloo")
+        return WorkerContext(rank=rank, world_size=world, local_rank=local, device=device, in_ray=in_ray)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over all ranks (float64, on the collective's device)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
+        """Hand a finished checkpoint to Ray Train (no copy: it is already in the run directory)."""
+        if not self.in_ray:
+            return
+        import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        checkpoint = Checkpoint(checkpoint_dir) if (checkpoint_dir and self.is_main) else None
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=os.path.basename(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
+
+
+def _in_ray_train_worker() -> bool:
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:
+        return False
+
+
+def _init_process_group(rank: int, world: int, backend: str) -> None:
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,249 @@
+"""DeepSpeed engine from our config: ZeRO stage, offload, precision, accumulation, clipping,
+AdamW with weight-decay groups, the LR schedule, and model construction (ZeRO-3 builds the
+model partitioned, never whole on one rank).
+
+Applied from outside the model, in this order (as torchtitan's parallelize does):
+    1. `prepare_deepspeed_runtime()`  process-wide DeepSpeed settings for this device
+    2. `build_model(...)`            under `deepspeed.zero.Init` for stage 3, weights loaded
+    3. `initialize(...)`             deepspeed.initialize on the existing process group
+
+The optimizer comes from the kernels dispatch point (`kernels.adamw_optimizer` when present:
+fused Triton AdamW on CUDA, torch AdamW elsewhere). Its `step` is wrapped by `StepGuard` so the
+loop can skip an update whose loss was not finite without touching the Adam moments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from llmtrain.config import JobConfig
+from llmtrain.schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one global batch is split: global = micro x accumulation x world."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+
+def batch_layout(cfg: JobConfig, world_size: int) -> Layout:
+    from llmtrain.errors import UserError
+
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_step = mbs * world_size
+    if gbs % per_step:
+        raise UserError(
+            f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size x workers = "
+            f"{mbs} x {world_size}; choose a global batch that is a multiple of {per_step}"
+        )
+    return Layout(world_size=world_size, micro_batch_size=mbs, grad_accum=gbs // per_step)
+
+
+def resolve_precision(cfg: JobConfig, on_gpu: bool) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if on_gpu and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: bool) -> dict:
+    """The DeepSpeed JSON config generated from ours."""
+    zero: dict = {
+        "stage": cfg.zero.stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_gpu,
+        "reduce_bucket_size": 50_000_000,
+    }
+    if cfg.zero.stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": 50_000_000,
+                "stage3_param_persistence_threshold": 100_000,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
+    if cfg.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.zero.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # Our optimizer is a client optimizer (torch or Triton AdamW); allow it under ZeRO and
+        # under CPU offload, where DeepSpeed would otherwise insist on its JIT-built CPUAdam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def prepare_deepspeed_runtime(on_gpu: bool) -> None:
+    """Process-wide DeepSpeed settings; call before importing deepspeed's engine.
+
+    On CPU the accelerator is pinned to `cpu` (skips the probe), and DeepSpeed's shared-memory
+    communication op is marked incompatible: `init_distributed` would otherwise JIT-compile it
+    (~56 s, ../shared/NOTES-cpu.md) although gloo needs none of it.
+    """
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction
+
+
+def build_model(model_config, cfg: JobConfig, ds_config: dict, init_weights: Optional[Callable] = None):
+    """Construct the decoder; under ZeRO-3 inside `deepspeed.zero.Init` so every rank only ever
+    holds its partition. `init_weights(model)` (e.g. loading a checkpoint) runs afterwards."""
+    import deepspeed
+
+    from llmtrain.model.decoder import Decoder
+
+    if cfg.zero.stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if cfg.zero.offload_params else None):
+            model = Decoder(model_config)
+    else:
+        model = Decoder(model_config)
+    model.gradient_checkpointing = cfg.model.activation_checkpointing
+    if init_weights is not None:
+        init_weights(model)
+    return model
+
+
+def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int, rank: int) -> int:
+    """Copy named tensors into `model`; under ZeRO-3 each parameter is gathered, filled on rank 0
+    and re-partitioned, one at a time. Every rank must iterate the same names. Returns the count."""
+    params = dict(model.named_parameters())
+    count = 0
+    if zero_stage != 3:
+        for name, tensor in tensors:
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+            count += 1
+        return count
+    import deepspeed
+
+    for name, tensor in tensors:
+        param = params[name]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    param.copy_(tensor.to(param.dtype))
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+NO_DECAY_MARKERS = ("embed_tokens", "norm")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: decayed matrices; no decay for norms, biases and
+    embeddings (GPT-3 / Llama practice). Frozen parameters are left out of the optimizer."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        ndim = param.ds_shape.__len__() if hasattr(param, "ds_shape") else param.dim()
+        if ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict], cfg: JobConfig) -> torch.optim.Optimizer:
+    import kernels
+
+    t = cfg.train
+    factory = getattr(kernels, "adamw_optimizer", None)
+    if factory is not None:
+        return factory(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+
+class StepGuard:
+    """Wraps `optimizer.step` so the loop can skip one update (non-finite loss) cleanly: while
+    `skip` is set, parameters and Adam moments stay untouched and DeepSpeed clears the gradients
+    as usual. (ZeRO-1/2 call `step` once per parameter group, so the flag spans the whole
+    engine step; the loop sets it before the boundary `engine.step()` and clears it after.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.skip = False
+        step = optimizer.step.__func__
+
+        # Bound with MethodType so torch's LR scheduler, which re-binds `optimizer.step.__func__`
+        # to the optimizer, keeps wrapping this function.
+        def guarded_step(opt, *args, **kwargs):
+            return None if self.skip else step(opt, *args, **kwargs)
+
+        optimizer.step = types.MethodType(guarded_step, optimizer)
+
+
+class Stage0Clipping:
+    """Gradient clipping for ZeRO stage 0, done by us in an optimizer pre-step hook (gradients are
+    all-reduced by then) so the pre-clip norm is known; DeepSpeed only reports it for ZeRO 1-3."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float):
+        self.max_norm = max_norm
+        self.grad_norm: Optional[float] = None
+        optimizer.register_step_pre_hook(self._clip)
+
+    def _clip(self, optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        limit = self.max_norm if self.max_norm > 0 else float("inf")
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def initialize(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
+    """deepspeed.initialize on the process group that already exists (Ray Train's / torchrun's).
+    Returns (engine, step guard, grad_norm() -> float | None)."""
+    import deepspeed
+
+    optimizer = make_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
+    guard = StepGuard(optimizer)
+    stage0 = None
+    if cfg.zero.stage == 0:
+        stage0 = Stage0Clipping(optimizer, cfg.train.grad_clip)
+        ds_config = dict(ds_config, gradient_clipping=0.0)
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.train))  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False
+    )
+
+    def grad_norm() -> Optional[float]:
+        norm = stage0.grad_norm if stage0 is not None else engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    return engine, guard, grad_norm

@@ -1,0 +1,224 @@
+"""Launch a training job on Ray: an embedded local runtime by default, or an existing cluster.
+
+    llmtrain pretrain configs/tiny-pretrain.yaml run.dir=runs/tiny train.max_steps=50
+
+The driver resolves the config (paths made absolute, written to RUN_DIR/config.yaml), checks
+what it can before spending any start-up time (data, batch layout, model/data fit, resume
+compatibility), starts or joins Ray, and runs a Ray Train `TorchTrainer` whose workers each run
+llmtrain.train.train_worker. A progress bar follows RUN_DIR/metrics.jsonl.
+
+The embedded runtime binds to 127.0.0.1 and starts no dashboard. `cluster.address` joins an
+existing cluster (`ray://HEAD:10001` through Ray Client, or `auto` on a cluster node).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from llmtrain.config import JobConfig, write_resolved_config
+from llmtrain.errors import UserError
+
+log = logging.getLogger("llmtrain")
+
+# Environment every worker gets (Ray Train propagates RAY_TRAIN_* to the controller and workers).
+WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(cfg: JobConfig, task: str) -> dict[str, Any]:
+    """Run `task` ("pretrain", "sft") for `cfg` on Ray; returns the final metrics."""
+    cfg = absolutize_paths(cfg)
+    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cuda_available()
+    cfg.cluster.use_gpu = use_gpu
+    from llmtrain.preflight import preflight
+
+    preflight(cfg, task)
+    run_dir = Path(cfg.run.dir)
+    write_resolved_config(cfg, run_dir)
+
+    t0 = time.perf_counter()
+    start_ray(cfg)
+    log.info("Ray ready in %.1f s", time.perf_counter() - t0)
+    trainer = _trainer(cfg, task, use_gpu)
+    with ProgressBar(run_dir, cfg.train.max_steps):
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray wraps worker exceptions; surface a user mistake as one line
+            user = find_user_error(err)
+            if user is not None:
+                raise user from None
+            raise
+    return dict(result.metrics or {})
+
+
+def _trainer(cfg: JobConfig, task: str, use_gpu: bool):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llmtrain.train import train_worker
+
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.cluster.gpus_per_worker
+    run_dir = Path(cfg.run.dir)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "task": task},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy="SPREAD" if cfg.cluster.placement == "spread" else "PACK",
+        ),
+        # The experiment directory is the run directory itself, so checkpoints written there
+        # by the workers are registered with Ray Train without a copy (checkpoint.py).
+        run_config=RunConfig(
+            storage_path=str(run_dir.parent),
+            name=run_dir.name,
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+
+def absolutize_paths(cfg: JobConfig) -> JobConfig:
+    """Workers may start in another directory: make every path in the config absolute."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.dir = Path(cfg.run.dir).expanduser().resolve()
+    if cfg.data.path is not None:
+        cfg.data.path = Path(cfg.data.path).expanduser().resolve()
+    for entry in cfg.data.mixture:
+        entry.path = Path(entry.path).expanduser().resolve()
+    if cfg.model.from_:
+        cfg.model.from_ = str(Path(cfg.model.from_).expanduser().resolve())
+    if cfg.train.resume not in ("auto", "never"):
+        cfg.train.resume = str(Path(cfg.train.resume).expanduser().resolve())
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray runtime
+
+
+def start_ray(cfg: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() otherwise waits ~2 s
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    env = {} if cfg.cluster.use_gpu else dict(WORKER_ENV_CPU)
+    for key in ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    runtime_env = {"env_vars": env}
+    address = cfg.cluster.address
+    if address is None:
+        needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            num_gpus=None if cfg.cluster.use_gpu else 0,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, TimeoutError) as err:
+        raise UserError(f"cluster.address={address}: could not connect ({err}); check the address and that the cluster is up") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, not hang, when the cluster address does not answer."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"cluster.address={address}: nothing answers at {host}:{port} within {timeout_s:.0f} s ({err.strerror or err}); "
+            "check the address (Ray Client listens on port 10001) and that the cluster is running"
+        ) from None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def find_user_error(err: BaseException) -> Optional[UserError]:
+    """The first UserError inside Ray's wrappers (worker failures, causes), if any."""
+    seen: set[int] = set()
+    stack: list[Any] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend((getattr(e, "worker_failures", None) or {}).values())
+        stack.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+class ProgressBar:
+    """Follows RUN_DIR/metrics.jsonl from the driver (workers write it) in a tqdm bar."""
+
+    def __init__(self, run_dir: Path, total: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.total = total
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        import json
+
+        from tqdm import tqdm
+
+        bar, offset = None, 0
+        while True:
+            stopping = self._stop.wait(0.5)
+            if self.path.exists():
+                if self.path.stat().st_size < offset:  # rewritten by a resumed run
+                    offset = 0
+                with open(self.path) as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                if "\n" in chunk:
+                    lines, offset = chunk[: chunk.rindex("\n")], offset + chunk.rindex("\n") + 1
+                    for line in lines.splitlines():
+                        entry = json.loads(line)
+                        if "loss" not in entry:
+                            continue
+                        if bar is None:
+                            bar = tqdm(total=self.total, desc="train", unit="step", initial=entry["step"] - 1, dynamic_ncols=True)
+                        bar.n = entry["step"]
+                        bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
+                        bar.refresh()
+            if stopping:
+                break
+        if bar is not None:
+            bar.close()
