@@ -1,0 +1,310 @@
+"""Our compact Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), parameter names as in HF.
+
+RMSNorm, RoPE (rotate-half, optional llama3 scaling), grouped-query attention, SwiGLU MLP,
+optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Hot
+ops go through the `kernels` dispatch point only; the model holds no parallelism code.
+
+    model = Decoder(ModelConfig.from_preset("tiny", vocab_size=8000))
+    logits = model(input_ids)                                   # [B, L, V]
+    loss_sum = model(input_ids, position_ids, labels=labels)    # fp32 sum over labels != -100
+
+Packed rows: `position_ids` restart at 0 at each document start; attention never crosses a
+document boundary (document ids = cumsum(position_ids == 0) go to `kernels.attention`).
+`labels[b, t]` is the target of the prediction made at position t (already shifted).
+
+Generation: `cache = model.new_kv_cache(batch_size, max_len)`, then
+`model(prompt_ids, kv_cache=cache)` and `model(next_ids[:, None], kv_cache=cache)` one token
+at a time; positions continue from `cache.length`.
+
+Every parameter is initialised in the constructor of the module that creates it (normal with
+std `initializer_range`, o_proj/down_proj scaled by 1/sqrt(2 * layers), norms 1, biases 0), so
+construction under `deepspeed.zero.Init` (which partitions each module's parameters right
+after its constructor) gives the same statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from llmtrain.errors import UserError
+from llmtrain.model.config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised N(0, std) with a zero bias (peft's LoRA wraps it like any Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
+        super().__init__(in_features, out_features, bias=bias)
+        self.std = std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, "std"):  # called by nn.Linear.__init__ before `std` is known
+            return
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised N(0, std)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, std: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.std = std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "std"):
+            nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2, with Llama 3's frequency-dependent scaling
+    when `config.rope_scaling` is llama3 (same float32 arithmetic as transformers)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long waves: divide by factor
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, L, head_dim] for position_ids [B, L], computed in fp32 then cast."""
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: k/v [layers, B, Hkv, max_len, D].
+
+    A forward pass with `kv_cache=cache` writes its new keys/values at `cache.length` and then
+    advances `length`. The first call may hold any number of tokens (causal prefill); later
+    calls one token per row."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v [B, Hkv, L, D] for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        std, out_std = config.initializer_range, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        self.q_proj = Linear(h, self.num_heads * hd, config.attention_bias, std)
+        self.k_proj = Linear(h, self.num_kv_heads * hd, config.attention_bias, std)
+        self.v_proj = Linear(h, self.num_kv_heads * hd, config.attention_bias, std)
+        self.o_proj = Linear(self.num_heads * hd, h, config.attention_out_bias, out_std)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        causal = True
+        if kv_cache is not None:
+            causal = kv_cache.length == 0  # prefill is causal; a single new token sees the whole cache
+            k, v = kv_cache.update(layer, k, v)
+        out = kernels.attention(q, k, v, doc_ids=doc_ids, causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        std, out_std = config.initializer_range, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        self.gate_proj = Linear(h, i, False, std)
+        self.up_proj = Linear(h, i, False, std)
+        self.down_proj = Linear(i, h, False, out_std)
+
+    def forward(self, x):
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and the final norm: HF's `model.*` submodule."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LMHead(nn.Module):
+    """Output projection. With labels it returns the summed cross-entropy computed in this
+    module's own forward (so ZeRO-3, which gathers a module's parameters when it is called,
+    gathers the weight here; when tied, `weight` is the embedding's Parameter itself)."""
+
+    def __init__(self, config: ModelConfig, tied_weight: Optional[nn.Parameter] = None):
+        super().__init__()
+        if tied_weight is not None:
+            self.weight = tied_weight
+        else:
+            self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+            nn.init.normal_(self.weight, mean=0.0, std=config.initializer_range)
+
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return F.linear(hidden, self.weight)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        loss = kernels.fused_linear_cross_entropy(h, self.weight, labels.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class Decoder(nn.Module):
+    """Causal LM: `model` (embeddings, blocks, norm) and `lm_head`, named as in HF checkpoints.
+
+    forward(input_ids [B, L] int64, position_ids=None, labels=None, kv_cache=None):
+      - position_ids [B, L] (or [L]) restart at 0 at each document start; None = 0..L-1
+        (continuing from `kv_cache.length` when a cache is given) and no document mask.
+      - labels None: logits [B, L, V]. labels [B, L] int64 (-100 = ignore): the fp32 SUM of
+        the cross-entropies of supervised tokens (the trainer divides by the global count).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = LMHead(config, self.model.embed_tokens.weight if config.tie_word_embeddings else None)
+        self.gradient_checkpointing = False
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_post_hook(_allow_missing_tied_head)
+
+    def tie_weights(self) -> None:
+        """Re-share the embedding with the LM head (after `to_empty`, which un-shares them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, L = input_ids.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        doc_ids = None
+        if position_ids is None:
+            position_ids = torch.arange(start, start + L, device=input_ids.device).expand(B, L)
+        else:
+            position_ids = position_ids.to(input_ids.device).expand(B, L)
+            starts = position_ids[:, 1:] == 0
+            if kv_cache is None and bool(starts.any()):  # several documents in a row: mask across them
+                doc_ids = (position_ids == 0).cumsum(dim=1)
+        self._check_span(start + L, kv_cache)
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for i, block in enumerate(self.model.layers):
+            if use_ckpt:
+                x = checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, doc_ids, kv_cache, i)
+        x = self.model.norm(x)
+        if kv_cache is not None:
+            kv_cache.length += L
+        return self.lm_head(x, labels)
+
+    def _check_span(self, span: int, kv_cache: Optional[KVCache]) -> None:
+        window = self.config.sliding_window
+        if window is not None and span > window:
+            raise UserError(f"attention span {span} exceeds this model's sliding window {window}; sliding-window "
+                            f"attention is not implemented, so keep sequences (prompt + new tokens) <= {window}")
+        if kv_cache is not None:
+            if span > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} positions, this call needs {span}")
+            if kv_cache.length > 0 and span - kv_cache.length != 1:
+                raise ValueError("after the prefill, a KV-cache forward takes exactly one new token per row")
+
+
+def _drop_tied_head(module: Decoder, state_dict, prefix: str, local_metadata) -> None:
+    if module.config.tie_word_embeddings:
+        state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _allow_missing_tied_head(module: Decoder, incompatible_keys) -> None:
+    if module.config.tie_word_embeddings:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not (k == "lm_head.weight" or k.endswith(".lm_head.weight"))]

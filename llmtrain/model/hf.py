@@ -1,0 +1,222 @@
+"""The single bridge between our decoder and Hugging Face checkpoint directories.
+
+Parameter names are the same in our model and in Llama/Mistral/Qwen2/Qwen3 checkpoints, so
+the per-family differences live in `ModelConfig.from_hf_config` / `to_hf_config` and tensors
+move by name. Only safetensors are read (never pickles); nothing runs remote code.
+
+    config = load_hf_config("ckpt/")                     # ModelConfig; UserError if unsupported
+    model = load_hf_model("ckpt/")                       # Decoder with the weights, eval mode
+    for name, tensor in iter_hf_tensors("ckpt/"): ...    # streamed, one tensor at a time
+    save_hf_checkpoint(model.state_dict().items(), config, "out/")   # transformers loads out/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmtrain.errors import UserError
+from llmtrain.model.config import ModelConfig
+from llmtrain.model.decoder import Decoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that our model recomputes.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+Tensors = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def load_hf_config(model_dir: Union[str, os.PathLike]) -> ModelConfig:
+    """`ModelConfig` of a Hugging Face checkpoint directory (its config.json)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json; pass a Hugging Face model directory (an export or a released checkpoint)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); restore the file") from None
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except UserError as err:
+        raise UserError(f"{model_dir}: {err}") from None
+
+
+def iter_hf_tensors(model_dir: Union[str, os.PathLike], names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from model.safetensors or the shards of model.safetensors.index.json,
+    one tensor at a time, in a fixed order (shard by shard). `names`: only these (each must exist)."""
+    wanted = None if names is None else set(names)
+    found: set[str] = set()
+    for file, keys in _weight_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            absent = [k for k in keys if k not in present] if keys is not None else []
+            if absent:
+                raise UserError(f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it")
+            for key in f.keys():
+                if keys is not None and key not in keys:
+                    continue
+                if wanted is not None and key not in wanted:
+                    continue
+                found.add(key)
+                yield key, f.get_tensor(key)
+    if wanted is not None and wanted - found:
+        raise UserError(f"{model_dir}: checkpoint has no tensor {sorted(wanted - found)[0]}; it does not match the model")
+
+
+def _weight_files(model_dir: Path) -> list[tuple[Path, Optional[set[str]]]]:
+    """[(safetensors file, names it holds per the index, or None = all)]."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{index}: not a valid safetensors index (no weight_map); re-download or re-export it") from None
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, set()).add(name)
+        files = []
+        for file in sorted(by_file):
+            path = model_dir / file
+            if not path.is_file():
+                raise UserError(f"{model_dir}: shard {file} listed in {INDEX_FILE} is missing; re-download or re-export the checkpoint")
+            files.append((path, by_file[file]))
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return [(single, None)]
+    if any((model_dir / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise UserError(f"{model_dir}: only pickled PyTorch weights (pytorch_model.bin); llmtrain reads safetensors only, "
+                        "convert them (e.g. save_pretrained(..., safe_serialization=True) in a trusted environment)")
+    raise UserError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; pass a Hugging Face model directory with safetensors weights")
+
+
+def load_hf_model(model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch.float32,
+                  device: Union[str, torch.device] = "cpu") -> Decoder:
+    """Build our Decoder from a Hugging Face directory (no random init: built on the meta device,
+    then filled tensor by tensor). Returned in eval mode."""
+    config = load_hf_config(model_dir)
+    with torch.device("meta"):
+        model = Decoder(config)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in iter_hf_tensors(model_dir):
+            if name in params:
+                param = params[name]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise UserError(f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                                    f"{tuple(param.shape)}; the weights do not belong to this config")
+                param.copy_(tensor)
+                loaded.add(name)
+            elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith(_IGNORED_SUFFIXES):
+                raise UserError(f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's "
+                                f"{config.family} model lacks")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise UserError(f"{model_dir}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing); the weights are incomplete")
+    return model.eval()
+
+
+def save_hf_checkpoint(tensors: Tensors, config: ModelConfig, out_dir: Union[str, os.PathLike],
+                       max_shard_bytes: int = 5 * 10**9, dtype: Optional[torch.dtype] = None,
+                       overwrite: bool = False) -> Path:
+    """Write a Hugging Face directory: config.json, generation_config.json and safetensors
+    (model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json).
+
+    `tensors`: a state dict or an iterator of (name, tensor) — consumed once, holding at most
+    one shard's worth of tensors here. Every parameter of `config`'s model must come exactly
+    once with its shape (`lm_head.weight` is dropped when embeddings are tied). Written to a
+    temporary directory and renamed into place when complete. `dtype`: cast tensors (e.g.
+    torch.bfloat16). Tokenizer files are the caller's to copy."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} already exists and is not empty; choose another output directory or remove it")
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weight_map, total_bytes, saved_dtype = _write_shards(tensors, config, expected, tmp, max_shard_bytes, dtype)
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = config.to_hf_config(dtype=str(saved_dtype).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(tensors: Tensors, config: ModelConfig, expected: dict[str, tuple], tmp: Path,
+                  max_shard_bytes: int, dtype: Optional[torch.dtype]) -> tuple[dict[str, str], int, torch.dtype]:
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total_bytes = 0
+    files: list[Path] = []
+    weight_map: dict[str, str] = {}
+    saved_dtype = dtype
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        path = tmp / f"shard-{len(files):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append(path)
+        for name in shard:
+            weight_map[name] = path.name
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in items:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in expected:
+            raise ValueError(f"save_hf_checkpoint: unexpected tensor {name} for this {config.family} config")
+        if name in weight_map or name in shard:
+            raise ValueError(f"save_hf_checkpoint: tensor {name} given twice")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"save_hf_checkpoint: {name} has shape {tuple(tensor.shape)}, config implies {expected[name]}")
+        t = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+        if any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shard.values()):
+            t = t.clone()  # safetensors refuses tensors sharing memory
+        saved_dtype = saved_dtype or t.dtype
+        size = t.numel() * t.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = t
+        shard_bytes += size
+        total_bytes += size
+    missing = sorted(set(expected) - set(weight_map) - set(shard))
+    if missing:
+        raise ValueError(f"save_hf_checkpoint: missing tensor {missing[0]} ({len(missing)} missing)")
+    flush()
+
+    if len(files) == 1:
+        files[0].rename(tmp / SINGLE_FILE)
+        return {n: SINGLE_FILE for n in weight_map}, total_bytes, saved_dtype
+    names = {}
+    for i, path in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        path.rename(tmp / final)
+        names[path.name] = final
+    return {n: names[f] for n, f in weight_map.items()}, total_bytes, saved_dtype
