@@ -126,6 +126,25 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {out}")
 
 
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face-format directory (an export or a released checkpoint)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+
+
+@command("generate", "complete prompts with a Hugging Face-format model (greedy or sampling, KV cache)", _generate_args)
+def _generate(args: argparse.Namespace) -> None:
+    from llmtrain.generate import complete
+
+    texts = complete(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print("\n\n".join(texts))
+
+
 # ---------------------------------------------------------------------------------------------
 
 

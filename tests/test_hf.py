@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from llmtrain.errors import UserError
 from llmtrain.model.config import ARCHITECTURES, ModelConfig
 from llmtrain.model.decoder import Decoder
-from llmtrain.model.hf import INDEX_FILE, iter_hf_tensors, load_hf_config, load_hf_model, save_hf_checkpoint
+from llmtrain.model.hf import INDEX_FILE, iter_hf_tensors, iter_model_tensors, load_hf_config, load_hf_model, save_hf_checkpoint
 
 from conftest import STORIES260K, need_shared
 
@@ -104,7 +104,9 @@ def test_config_round_trip_through_transformers(family, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ours.to_hf_config(dtype="bfloat16")))
     hf = AutoConfig.from_pretrained(tmp_path)
     assert hf.model_type == family and hf.dtype == torch.bfloat16
-    assert hf.head_dim if family != "qwen2" else True
+    assert hf.rope_parameters["rope_theta"] == 123456.0 and hf.eos_token_id == [3, 4]
+    if family != "qwen2":  # Qwen2Config derives head_dim from hidden_size / heads
+        assert hf.head_dim == ours.head_dim
     assert ModelConfig.from_hf_config(hf.to_dict()) == ours
     assert load_hf_config(tmp_path) == ours
 
@@ -227,6 +229,25 @@ def test_iter_hf_tensors_subset(tmp_path):
     assert [n for n, _ in iter_hf_tensors(tmp_path / "c")] == [n for n, _ in iter_hf_tensors(tmp_path / "c")]
     with pytest.raises(UserError, match="no tensor model.nope"):
         list(iter_hf_tensors(tmp_path / "c", names=["model.nope"]))
+
+
+def test_iter_model_tensors_skips_what_the_model_recomputes(tmp_path):
+    """Older exports of tied models carry lm_head.weight and rotary inv_freq buffers: skipped;
+    anything else the model lacks is refused."""
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    state = Decoder(cfg).state_dict()
+    extra = {"lm_head.weight": state["model.embed_tokens.weight"].clone(),
+             "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    save_file({**state, **extra}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert sorted(n for n, _ in iter_model_tensors(tmp_path, cfg)) == sorted(state)
+    assert torch.equal(load_hf_model(tmp_path).lm_head.weight, state["model.embed_tokens.weight"])
+    save_file({**state, "model.layers.0.mlp.gate_proj.bias": torch.zeros(48)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="unexpected tensor model.layers.0.mlp.gate_proj.bias"):
+        list(iter_model_tensors(tmp_path, cfg))
 
 
 def test_stories260k_logits_parity():

@@ -7,6 +7,7 @@ move by name. Only safetensors are read (never pickles); nothing runs remote cod
     config = load_hf_config("ckpt/")                     # ModelConfig; UserError if unsupported
     model = load_hf_model("ckpt/")                       # Decoder with the weights, eval mode
     for name, tensor in iter_hf_tensors("ckpt/"): ...    # streamed, one tensor at a time
+    for name, tensor in iter_model_tensors("ckpt/", config): ...   # the same, checked against config
     save_hf_checkpoint(model.state_dict().items(), config, "out/")   # transformers loads out/
 """
 
@@ -98,6 +99,29 @@ def _weight_files(model_dir: Path) -> list[tuple[Path, Optional[set[str]]]]:
     raise UserError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; pass a Hugging Face model directory with safetensors weights")
 
 
+def iter_model_tensors(model_dir: Union[str, os.PathLike], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Exactly the parameters of `Decoder(config)` from a checkpoint directory, one at a time, in
+    a fixed order: each name once with its expected shape (`lm_head.weight` skipped when tied,
+    recomputed RoPE buffers skipped). Anything unexpected, misshapen or missing is a UserError.
+    Use it to fill a model built elsewhere (e.g. partitioned under ZeRO-3)."""
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+    seen: set[str] = set()
+    for name, tensor in iter_hf_tensors(model_dir):
+        if name in expected:
+            if tuple(tensor.shape) != expected[name]:
+                raise UserError(f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                                f"{expected[name]}; the weights do not belong to this config")
+            seen.add(name)
+            yield name, tensor
+        elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith(_IGNORED_SUFFIXES):
+            raise UserError(f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's "
+                            f"{config.family} model lacks")
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(f"{model_dir}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing); the weights are incomplete")
+
+
 def load_hf_model(model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch.float32,
                   device: Union[str, torch.device] = "cpu") -> Decoder:
     """Build our Decoder from a Hugging Face directory (no random init: built on the meta device,
@@ -108,22 +132,9 @@ def load_hf_model(model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
     with torch.no_grad():
-        for name, tensor in iter_hf_tensors(model_dir):
-            if name in params:
-                param = params[name]
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise UserError(f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
-                                    f"{tuple(param.shape)}; the weights do not belong to this config")
-                param.copy_(tensor)
-                loaded.add(name)
-            elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith(_IGNORED_SUFFIXES):
-                raise UserError(f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's "
-                                f"{config.family} model lacks")
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise UserError(f"{model_dir}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing); the weights are incomplete")
+        for name, tensor in iter_model_tensors(model_dir, config):
+            params[name].copy_(tensor)
     return model.eval()
 
 
