@@ -124,6 +124,28 @@ def test_reads_legacy_v4_config_spelling():
     assert ModelConfig.from_hf_config(dict(hf, model_type="mistral", num_key_value_heads=2, rope_scaling=None, sliding_window=None)).sliding_window is None
 
 
+def test_released_configs():
+    """config.json of Llama-3.1-8B and Qwen2.5-0.5B (as published, transformers v4 spelling)."""
+    llama = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+             "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
+             "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+             "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+             "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+             "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+             "vocab_size": 128256}
+    assert ModelConfig.from_hf_config(llama) == ModelConfig.from_preset("8b", eos_token_id=[128001, 128008, 128009])
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+            "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+            "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+            "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+    cfg = ModelConfig.from_hf_config(qwen)
+    assert cfg.attention_bias and not cfg.attention_out_bias and cfg.sliding_window is None and cfg.head_dim == 64
+    assert cfg.num_params() == 494_032_768  # the published size of Qwen2.5-0.5B
+
+
 @pytest.mark.parametrize("model_type,arch", [("gpt2", "GPT2LMHeadModel"), ("mixtral", "MixtralForCausalLM")])
 def test_unsupported_architecture_is_one_clear_error(model_type, arch, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch], "vocab_size": 10}))
