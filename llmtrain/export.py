@@ -66,7 +66,7 @@ def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None) 
 
     ckpt = pick_checkpoint(run_dir, step)
     meta = checkpoint.read_meta(ckpt)
-    config = ModelConfig.from_hf_config(meta["model_config"])
+    config = ModelConfig.from_dict(meta["model_config"])
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not empty; choose a new --output directory")

@@ -107,6 +107,9 @@ def absolutize_paths(cfg: JobConfig) -> JobConfig:
 
 
 def start_ray(cfg: JobConfig) -> None:
+    address = cfg.cluster.address
+    if address is None:
+        _loopback_only()
     import ray
 
     if ray.is_initialized():
@@ -114,18 +117,16 @@ def start_ray(cfg: JobConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() otherwise waits ~2 s
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     env = {} if cfg.cluster.use_gpu else dict(WORKER_ENV_CPU)
-    for key in ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "PYTHONPATH"):
+    for key in ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "PYTHONPATH", "GLOO_SOCKET_IFNAME"):
         if key in os.environ:
             env[key] = os.environ[key]
     runtime_env = {"env_vars": env}
-    address = cfg.cluster.address
     if address is None:
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         ray.init(
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
             num_gpus=None if cfg.cluster.use_gpu else 0,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=True,
             logging_level=logging.WARNING,
@@ -136,6 +137,24 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, TimeoutError) as err:
         raise UserError(f"cluster.address={address}: could not connect ({err}); check the address and that the cluster is up") from None
+
+
+def _loopback_only() -> None:
+    """Make the embedded runtime a single-machine Ray whose services use 127.0.0.1 only.
+
+    `ray.init(_node_ip_address="127.0.0.1")` is not enough: GCS and raylet still bind all
+    interfaces. Ray's single-machine mode (the switch it uses on macOS/Windows) takes the node
+    address from the loopback interface. The variable is read when Ray is imported and by the
+    processes it starts, so set it in the environment and in Ray's constants if already loaded.
+    Gloo's own connections are kept on loopback too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

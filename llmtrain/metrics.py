@@ -3,11 +3,11 @@
 MFU (model FLOPs utilisation, as in PaLM appendix B / nanoGPT's estimate_mfu):
 
     MFU = tokens_per_second x flops_per_token / (peak_flops_per_device x devices)
-    flops_per_token = 6 N + 12 L H Q T
+    flops_per_token = 6 N + 12 L H Q T          (ModelConfig.flops_per_token)
 
-with N the non-embedding parameter count (forward 2N + backward 4N), L layers, H heads, Q head
-dim and T sequence length (attention scores and values, forward and backward; the causal mask
-is not discounted). Peak: a table of known GPUs' dense bf16/fp16 peak; on CPU the fp32 matmul
+with N the parameters used in matrix multiplies (blocks + LM head; forward 2N + backward 4N),
+L layers, H heads, Q head dim and T sequence length (attention scores and values, forward and
+backward; the causal mask is not discounted). Peak: a table of known GPUs' dense bf16/fp16 peak; on CPU the fp32 matmul
 rate measured at start-up on this machine (so CPU MFU says how close we run to the matmul roof).
 """
 
@@ -35,10 +35,6 @@ GPU_PEAK_FLOPS = {
     "4090": 165e12,
     "3090": 71e12,
 }
-
-
-def flops_per_token(num_params_non_embedding: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
-    return 6.0 * num_params_non_embedding + 12.0 * layers * heads * head_dim * seq_len
 
 
 def peak_flops(device: torch.device, precision: str) -> float:

@@ -24,4 +24,4 @@ def preflight(cfg: JobConfig, task: str) -> None:
     resume_from = checkpoint.resolve_resume(cfg.train.resume, Path(cfg.run.dir))
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
-        checkpoint.check_compatible(meta, data.model_config.to_hf_config(), world, cfg.zero.stage, resume_from)
+        checkpoint.check_compatible(meta, data.model_config.to_dict(), world, cfg.zero.stage, resume_from)

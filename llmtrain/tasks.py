@@ -32,15 +32,8 @@ class TaskData:
     extra: dict = field(default_factory=dict)
 
     @property
-    def flops_args(self) -> dict:
-        c = self.model_config
-        return {
-            "num_params_non_embedding": c.num_params(non_embedding=True),
-            "layers": c.num_hidden_layers,
-            "heads": c.num_attention_heads,
-            "head_dim": c.head_dim,
-            "seq_len": self.seq_len,
-        }
+    def flops_per_token(self) -> float:
+        return self.model_config.flops_per_token(self.seq_len)
 
     def save_run_files(self, run_dir: Path) -> None:
         """Keep the tokenizer beside the run, so exports carry it."""
@@ -64,7 +57,7 @@ def model_source(cfg: JobConfig, vocab_size: int, seq_len: int, rank: int):
     from llmtrain.model.config import ModelConfig
 
     if cfg.model.from_:
-        from llmtrain.model.hf import iter_hf_tensors, load_hf_config
+        from llmtrain.model.hf import iter_model_tensors, load_hf_config
 
         base = Path(cfg.model.from_)
         model_config = load_hf_config(base)
@@ -75,7 +68,7 @@ def model_source(cfg: JobConfig, vocab_size: int, seq_len: int, rank: int):
             )
 
         def init_weights(model) -> None:
-            load_weights(model, iter_hf_tensors(base), zero_stage=cfg.zero.stage, rank=rank)
+            load_weights(model, iter_model_tensors(base, model_config), zero_stage=cfg.zero.stage, rank=rank)
 
     else:
         if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab_size:

@@ -29,7 +29,7 @@ from llmtrain.config import JobConfig
 from llmtrain.context import WorkerContext
 from llmtrain.engine import batch_layout, build_model, deepspeed_config, initialize, prepare_deepspeed_runtime, resolve_precision
 from llmtrain.errors import UserError
-from llmtrain.metrics import MetricsWriter, flops_per_token, memory_gb, peak_flops
+from llmtrain.metrics import MetricsWriter, memory_gb, peak_flops
 from llmtrain.tasks import TaskData, build_task
 
 log = logging.getLogger("llmtrain")
@@ -60,7 +60,7 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
 
     step = 0
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
-    model_shape = data.model_config.to_hf_config()
+    model_shape = data.model_config.to_dict()
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
         checkpoint.check_compatible(meta, model_shape, ctx.world_size, cfg.zero.stage, resume_from)
@@ -77,7 +77,7 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
     if ctx.is_main:
         data.save_run_files(run_dir)
 
-    fpt = flops_per_token(**data.flops_args)
+    fpt = data.flops_per_token
     peak = peak_flops(ctx.device, precision) * ctx.world_size
     tokens_per_step = layout.global_batch_size * data.seq_len
     if step == 0:
