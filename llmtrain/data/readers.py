@@ -1,0 +1,265 @@
+"""Input files -> raw documents. Plain text, JSON Lines / JSON arrays, and Parquet; files,
+directories (recursively) and globs.
+
+    files = expand_inputs(["corpus/", "extra/*.jsonl"])
+    for text in iter_documents(files[0], "text", stats, on_bytes=bar.update): ...
+
+How each format becomes documents:
+- **Plain text** (any name not listed below): documents are blocks separated by one or more
+  blank (empty or whitespace-only) lines. A block longer than 64 MiB is cut at its last line
+  break (or space) before the limit, and the cut is counted. Invalid UTF-8 is *replaced* by
+  U+FFFD and counted per document; a file with NUL bytes, or with more than 1% invalid bytes,
+  is rejected as not being UTF-8 text. A leading byte-order mark is dropped.
+- **JSON Lines** (`.jsonl`, `.ndjson`, `.json` with one object per line) via `pyarrow.json`, and
+  **JSON arrays** (`.json` starting with `[`) via the standard `json` module: one document per
+  record, from the `text_column` field (missing/null = empty document).
+- **Parquet** (`.parquet`, `.pq`) via `pyarrow.parquet`, streamed by record batch: one document
+  per row of `text_column`.
+JSON and Parquet readers validate UTF-8 themselves: a file they cannot decode is rejected.
+Directories are searched recursively for these suffixes (hidden files skipped), in sorted order.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from llmtrain.data.clean import CleanStats
+from llmtrain.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
+JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+KNOWN_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+
+_BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
+_CHUNK = 8 << 20
+MAX_BLOCK = 64 << 20
+_MAX_INVALID_FRACTION = 0.01
+
+OnBytes = Callable[[int], object]
+
+
+def _no_progress(n: int) -> None:
+    return None
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named by `inputs` (files, directories, globs), in order, each once."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise UserError("no input given; pass --input with text/JSONL/Parquet files, directories or globs")
+    files: list[Path] = []
+    for item in map(str, inputs):
+        path = Path(item)
+        if glob.has_magic(item):
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+            found = [m for m in matches if m.is_file()] + [f for m in matches if m.is_dir() for f in _files_in(m)]
+            if not found:
+                raise UserError(f"--input {item}: no files match this pattern; check the path")
+            files += found
+        elif path.is_dir():
+            found = _files_in(path)
+            if not found:
+                kinds = ", ".join(sorted(KNOWN_SUFFIXES))
+                raise UserError(f"{item}: directory holds no input files ({kinds}); point --input at your data")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{item}: no such file or directory; check --input")
+    unique: dict[Path, Path] = {}
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise UserError(f"{f}: not readable (permission denied); fix its permissions or leave it out of --input")
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
+
+
+def _files_in(directory: Path) -> list[Path]:
+    out = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / n for n in sorted(names) if not n.startswith(".") and Path(n).suffix.lower() in KNOWN_SUFFIXES]
+    return out
+
+
+def file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    return "text"
+
+
+def iter_documents(path: Path, text_column: str, stats: CleanStats, on_bytes: OnBytes = _no_progress) -> Iterator[str]:
+    """Raw documents of one file (see the module docstring for the rules per format)."""
+    kind = file_kind(path)
+    try:
+        if kind == "parquet":
+            yield from _iter_parquet(path, text_column, on_bytes)
+        elif kind == "json":
+            yield from _iter_json(path, text_column, on_bytes)
+        else:
+            yield from _iter_text(path, stats, on_bytes)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err}); check the file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain text
+
+
+def _iter_text(path: Path, stats: CleanStats, on_bytes: OnBytes) -> Iterator[str]:
+    counts = {"invalid": 0, "bytes": 0}
+    with open(path, "rb") as f:
+        tail = b""
+        first = True
+        while True:
+            chunk = f.read(_CHUNK)
+            if first:
+                first = False
+                if b"\x00" in chunk[: 1 << 16]:
+                    raise UserError(
+                        f"{path}: not UTF-8 text (it contains NUL bytes: binary or UTF-16?); "
+                        "convert it to UTF-8 (e.g. iconv -f utf-16 -t utf-8) or leave it out of --input"
+                    )
+                chunk = chunk.removeprefix(b"\xef\xbb\xbf")
+            if not chunk:
+                break
+            on_bytes(len(chunk))
+            parts = _BLANK_LINES.split(tail + chunk)
+            tail = parts.pop()
+            while len(tail) > MAX_BLOCK:
+                cut = _cut_point(tail, MAX_BLOCK)
+                parts.append(tail[:cut])
+                tail = tail[cut:]
+                stats.long_blocks_split += 1
+            for block in parts:
+                yield _decode(block, path, stats, counts)
+        if tail:
+            yield _decode(tail, path, stats, counts)
+    _check_invalid(path, counts, final=True)
+
+
+def _cut_point(block: bytes, limit: int) -> int:
+    for sep in (b"\n", b" "):
+        at = block.rfind(sep, 0, limit)
+        if at > 0:
+            return at + 1
+    at = limit
+    while at > 0 and 0x80 <= block[at] < 0xC0:  # never cut inside a UTF-8 sequence
+        at -= 1
+    return at or limit
+
+
+def _decode(block: bytes, path: Path, stats: CleanStats, counts: dict) -> str:
+    counts["bytes"] += len(block)
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") - block.count(b"\xef\xbf\xbd")
+        stats.invalid_utf8_documents += 1
+        stats.invalid_utf8_replacements += replaced
+        counts["invalid"] += replaced
+        _check_invalid(path, counts, final=False)
+        return text
+
+
+def _check_invalid(path: Path, counts: dict, final: bool) -> None:
+    invalid, total = counts["invalid"], max(counts["bytes"], 1)
+    if invalid > _MAX_INVALID_FRACTION * total and (final or invalid >= 1000):
+        raise UserError(
+            f"{path}: not UTF-8 text ({invalid:,} invalid byte sequences in {total:,} bytes); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of --input"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON / JSON Lines / Parquet
+
+
+def _column(names: Sequence[str], column: str, path: Path) -> None:
+    if column not in names:
+        shown = ", ".join(names[:10]) or "none"
+        raise UserError(f"{path}: no column '{column}' (columns: {shown}); pass --text-column NAME")
+
+
+def _strings(values: list, path: Path, column: str) -> Iterator[str]:
+    for v in values:
+        if v is None:
+            yield ""
+        elif isinstance(v, str):
+            yield v
+        else:
+            raise UserError(f"{path}: column '{column}' holds {type(v).__name__} values, not text; pass --text-column NAME of a text column")
+
+
+def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        yield from _iter_json_array(path, column, on_bytes)
+        return
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    size = path.stat().st_size
+    source = pa.OSFile(str(path))
+    try:
+        reader = pj.open_json(source, read_options=pj.ReadOptions(block_size=16 << 20))
+        _column(reader.schema.names, column, path)
+        done = 0
+        for batch in reader:
+            yield from _strings(batch.column(column).to_pylist(), path, column)
+            pos = min(source.tell(), size)
+            on_bytes(pos - done)
+            done = pos
+        on_bytes(size - done)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line") from None
+    finally:
+        source.close()
+
+
+def _iter_json_array(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
+    try:
+        records = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); fix the file") from None
+    on_bytes(path.stat().st_size)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path}: expected a JSON array of objects (or JSON Lines); convert the file")
+    if records:
+        _column(sorted({k for r in records for k in r}), column, path)
+    yield from _strings([r.get(column) for r in records], path, column)
+
+
+def _iter_parquet(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]}); check the file") from None
+    _column(pf.schema_arrow.names, column, path)
+    size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
+    done = 0
+    try:
+        for batch in pf.iter_batches(columns=[column], batch_size=8192):
+            yield from _strings(batch.column(0).to_pylist(), path, column)
+            step = size * batch.num_rows // rows
+            on_bytes(step)
+            done += step
+        on_bytes(max(size - done, 0))
+    except pa.ArrowInvalid as err:
+        raise UserError(f"{path}: cannot decode Parquet data ({str(err).splitlines()[0]}); check the file") from None
