@@ -65,6 +65,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="W", help="default: all cores")
     p.add_argument("--min-chars", type=int, default=16, help="drop documents shorter than this after cleaning")
     p.add_argument("--text-column", default="text", help="column holding the text in JSONL/Parquet inputs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype (auto: uint16 when the vocab fits)")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
 
 
@@ -83,6 +84,7 @@ def _prepare(args: argparse.Namespace) -> None:
         min_chars=args.min_chars,
         text_column=args.text_column,
         force=args.force,
+        dtype=args.dtype,
     )
 
 

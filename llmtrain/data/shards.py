@@ -1,0 +1,278 @@
+"""Arrow token shards and their manifest: the on-disk contract between `prepare` and the loader.
+
+    data = open_prepared("data/tiny")          # manifest + cheap checks, shards memory-mapped
+    train = data.split("train")
+    tokens = train.shards[0].tokens            # np.ndarray [rows, seq_len], zero-copy view
+    verify("data/tiny")                         # `llmtrain verify DIR`: every sha256
+
+A prepared directory:
+    manifest.json            schema version, tokenizer identity, seq_len, dtype, shards, stats
+    tokenizer/               a copy of the tokenizer files (the directory is self-contained)
+    train-00000.arrow ...    Arrow IPC files, one record batch each:
+    val-00000.arrow ...
+
+Row format (each shard, one record batch):
+- `tokens`: fixed_size_list<uint16|uint32>[seq_len]. All rows of a shard are one contiguous,
+  memory-mappable buffer [rows, seq_len]. A split is one continuous token stream cut into rows:
+  every document is `[BOS] tokens [EOS]` (BOS only if the tokenizer has one) and continues into
+  the next row (and the next shard). The last row of a split is padded with `pad_id` (EOS if
+  the tokenizer has no pad); the manifest's per-shard `tokens` counts the real tokens, so the
+  padding is exactly the tail of the final row.
+- `doc_starts`: list<int32>, per row the in-row offsets where a document begins (its BOS, or
+  its first token), plus where the padding begins. Positions restart at 0 there and at the row
+  start; the model derives document ids from them and keeps attention inside documents.
+- manifest `next_token` per shard: the first token of the following shard in the same split
+  (null for the last), so the final position of a shard still has a next-token target.
+
+Cheap checks run on open (schema version, file sizes, Arrow schema, row counts); `verify`
+additionally hashes every byte. A mismatch is a `UserError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from llmtrain.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+SPLITS = ("train", "val")
+_REPREPARE = "re-run `llmtrain prepare ... --force` to rebuild it"
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def dtype_holds(dtype: str, vocab_size: int) -> bool:
+    return vocab_size <= int(np.iinfo(DTYPES[dtype]).max) + 1
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.arrow"
+
+
+def _arrow_schema(seq_len: int, dtype: str):
+    import pyarrow as pa
+
+    value_type = pa.uint16() if dtype == "uint16" else pa.uint32()
+    return pa.schema(
+        [pa.field("tokens", pa.list_(value_type, seq_len), nullable=False), pa.field("doc_starts", pa.list_(pa.int32()), nullable=False)],
+        metadata={b"llmtrain.schema_version": str(SCHEMA_VERSION).encode()},
+    )
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(path: Path, tokens: np.ndarray, starts_offsets: np.ndarray, starts_values: np.ndarray, dtype: str) -> dict:
+    """Write one shard (rows = tokens.shape[0]); returns its manifest entry without `tokens`."""
+    import pyarrow as pa
+
+    rows, seq_len = tokens.shape
+    token_arr = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(tokens).reshape(-1)), seq_len)
+    starts_arr = pa.ListArray.from_arrays(pa.array(starts_offsets.astype(np.int32)), pa.array(starts_values.astype(np.int32)))
+    schema = _arrow_schema(seq_len, dtype)
+    batch = pa.record_batch([token_arr, starts_arr], schema=schema)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(batch)
+    return {"file": path.name, "rows": int(rows), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Shard:
+    file: str
+    path: Path
+    rows: int
+    tokens: np.ndarray  # [rows, seq_len], read-only view of the memory map
+    starts_offsets: np.ndarray  # int32 [rows + 1]
+    starts_values: np.ndarray  # int32 [n]: in-row offsets
+    real_tokens: int
+    next_token: Optional[int]
+
+
+@dataclass
+class Split:
+    name: str
+    shards: list[Shard]
+    seq_len: int
+    rows: int = 0
+    tokens: int = 0
+    first_row: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        counts = np.array([s.rows for s in self.shards], dtype=np.int64)
+        self.first_row = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.rows = int(self.first_row[-1])
+        self.tokens = int(sum(s.real_tokens for s in self.shards))
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row indices -> (shard index, row within shard)."""
+        shard = np.searchsorted(self.first_row, rows, side="right") - 1
+        return shard, rows - self.first_row[shard]
+
+
+@dataclass
+class Prepared:
+    dir: Path
+    manifest: dict
+    splits: dict[str, Split]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.manifest["tokenizer"]
+        return tok["pad_id"] if tok["pad_id"] is not None else tok["eos_id"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / TOKENIZER_DIR
+
+    def has_split(self, name: str) -> bool:
+        return name in self.splits and self.splits[name].rows > 0
+
+    def split(self, name: str) -> Split:
+        if not self.has_split(name):
+            raise UserError(f"{self.dir}: no '{name}' rows (prepare with a larger --val-fraction for val, or more text)")
+        return self.splits[name]
+
+
+def split_rows(path: str | os.PathLike, split: str) -> int:
+    """Rows of one split from the manifest alone (no shard is opened)."""
+    manifest = read_manifest(Path(path))
+    return int(manifest["splits"].get(split, {}).get("rows", 0))
+
+
+def read_manifest(directory: Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise UserError(f"{directory}: prepared data directory not found; run `llmtrain prepare` first or fix the path")
+    if not path.is_file():
+        raise UserError(f"{directory}: not a prepared directory (no {MANIFEST}); create it with `llmtrain prepare`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable manifest ({err}); {_REPREPARE}") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: manifest schema version {version!r} is not supported (this llmtrain reads version {SCHEMA_VERSION}); "
+            f"re-run `llmtrain prepare` with this version of llmtrain"
+        )
+    try:
+        _check_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: malformed manifest ({err!r}); {_REPREPARE}") from None
+    return manifest
+
+
+def _check_manifest(m: dict) -> None:
+    seq_len, dtype, vocab = int(m["seq_len"]), m["dtype"], int(m["tokenizer"]["vocab_size"])
+    if seq_len < 2:
+        raise ValueError(f"seq_len {seq_len}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype}")
+    if not dtype_holds(dtype, vocab):
+        raise ValueError(f"vocab_size {vocab} does not fit dtype {dtype}")
+    m["tokenizer"]["fingerprint"], m["tokenizer"]["eos_id"]  # noqa: B018 (presence)
+    for split in m["splits"].values():
+        for s in split["shards"]:
+            s["file"], int(s["rows"]), int(s["bytes"]), s["sha256"], int(s["tokens"])  # noqa: B018
+
+
+def open_prepared(path: str | os.PathLike) -> Prepared:
+    """Read and check the manifest and memory-map every shard (no token is read)."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if not dtype_holds(manifest["dtype"], vocab):
+        raise UserError(f"{directory / MANIFEST}: vocab size {vocab} does not fit {manifest['dtype']} tokens; {_REPREPARE}")
+    splits = {}
+    for name, info in manifest["splits"].items():
+        shards = [_open_shard(directory, entry, manifest) for entry in info["shards"]]
+        splits[name] = Split(name, shards, int(manifest["seq_len"]))
+        if splits[name].rows != int(info["rows"]):
+            raise UserError(f"{directory / MANIFEST}: split {name} says {info['rows']} rows but its shards hold {splits[name].rows}; {_REPREPARE}")
+    return Prepared(directory, manifest, splits)
+
+
+def _open_shard(directory: Path, entry: dict, manifest: dict) -> Shard:
+    import pyarrow as pa
+
+    path = directory / entry["file"]
+    seq_len, dtype = int(manifest["seq_len"]), manifest["dtype"]
+    if not path.is_file():
+        raise UserError(f"{path}: shard listed in the manifest is missing; {_REPREPARE}")
+    size = path.stat().st_size
+    if size != int(entry["bytes"]):
+        raise UserError(f"{path}: {size:,} bytes but the manifest says {int(entry['bytes']):,} (truncated or replaced); {_REPREPARE}")
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        if reader.num_record_batches != 1 or not reader.schema.equals(_arrow_schema(seq_len, dtype), check_metadata=False):
+            raise ValueError("unexpected layout")
+        batch = reader.get_batch(0)
+        tokens_col, starts_col = batch.column(0), batch.column(1)
+        flat = tokens_col.values.to_numpy(zero_copy_only=True)
+        rows = len(tokens_col)
+        tokens = flat[tokens_col.offset * seq_len : (tokens_col.offset + rows) * seq_len].reshape(rows, seq_len)
+        offsets = starts_col.offsets.to_numpy(zero_copy_only=True)
+        values = starts_col.values.to_numpy(zero_copy_only=True)
+    except (pa.ArrowException, ValueError, OSError) as err:
+        raise UserError(f"{path}: not a valid token shard ({str(err).splitlines()[0]}); {_REPREPARE}") from None
+    if rows != int(entry["rows"]) or len(offsets) != rows + 1 or int(offsets[-1]) > len(values):
+        raise UserError(f"{path}: {rows} rows but the manifest says {entry['rows']}; {_REPREPARE}")
+    return Shard(entry["file"], path, rows, tokens, offsets, values, int(entry["tokens"]), entry.get("next_token"))
+
+
+def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared:
+    """`open_prepared` plus the sha256 of every shard and the range of every token id."""
+    data = open_prepared(path)
+    vocab = data.vocab_size
+    n_shards = n_tokens = 0
+    for split in data.splits.values():
+        entries = {e["file"]: e for e in data.manifest["splits"][split.name]["shards"]}
+        for shard in split.shards:
+            digest = sha256_file(shard.path)
+            if digest != entries[shard.file]["sha256"]:
+                raise UserError(f"{shard.path}: sha256 does not match the manifest (the file changed or is corrupt); {_REPREPARE}")
+            if shard.rows and int(shard.tokens.max()) >= vocab:
+                raise UserError(f"{shard.path}: token id >= vocab size {vocab}; {_REPREPARE}")
+            n_shards += 1
+            n_tokens += shard.real_tokens
+    if not quiet:
+        print(f"llmtrain: {data.dir}: ok ({n_shards} shards, {n_tokens:,} tokens, sha256 verified)")
+    return data
