@@ -85,6 +85,9 @@ class TrainSection(Section):
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run.dir if there is one;
     never: start fresh (refuses a run.dir that has checkpoints); or a checkpoint path."""
+    stop_at_step: Optional[int] = Field(default=None, ge=1)
+    """Save a checkpoint and exit at this step without changing the schedule (time-limited or
+    preemptible jobs, like Megatron's exit interval); a rerun with resume=auto continues."""
     log_every: int = Field(default=1, ge=1)
     val_every: int = Field(default=0, ge=0)
     """Validation every N steps; 0 = only before the first and after the last step."""

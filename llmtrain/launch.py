@@ -130,6 +130,9 @@ def start_ray(cfg: JobConfig) -> None:
             runtime_env=runtime_env,
             log_to_driver=True,
             logging_level=logging.WARNING,
+            # Ray's own actors log at ERROR only: without a dashboard (no State API) Ray Train's
+            # placement-group cleaner would warn every second. Our workers set their own levels.
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
         )
         return
     check_reachable(address)
@@ -233,7 +236,7 @@ class ProgressBar:
                         if "loss" not in entry:
                             continue
                         if bar is None:
-                            bar = tqdm(total=self.total, desc="train", unit="step", initial=entry["step"] - 1, dynamic_ncols=True)
+                            bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
                         bar.n = entry["step"]
                         bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
                         bar.refresh()

@@ -90,11 +90,12 @@ class MetricsWriter:
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        entry = {**entry, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         step = entry.get("step", 0)
         for key, value in entry.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
 

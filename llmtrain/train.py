@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,7 +89,8 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
     bad_in_a_row = skipped = 0
     window_t, window_steps = time.perf_counter(), 0
     trained = False
-    while step < cfg.train.max_steps:
+    last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+    while step < last_step:
         trained = True
         loss, n_tokens, finite = train_step(engine, guard, data.train.next_step(), ctx)
         step += 1
@@ -124,11 +126,11 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
             window_t, window_steps = time.perf_counter(), 0
         if cfg.train.val_every and step % cfg.train.val_every == 0 and step != cfg.train.max_steps:
             _validate(engine, data, ctx, writer, step)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps:
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last_step:
             t_save = time.perf_counter()
             _save(engine, data, cfg, ctx, step, model_shape, {"step": step, "loss": loss})
             window_t += time.perf_counter() - t_save  # keep checkpoint time out of tokens/s
-    final_val = _validate(engine, data, ctx, writer, step) if trained else None
+    final_val = _validate(engine, data, ctx, writer, step) if trained and step == cfg.train.max_steps else None
     writer.close()
     if ctx.is_main:
         from llmtrain.metrics import plot_loss
@@ -208,9 +210,10 @@ def _select_kernels(cfg: JobConfig) -> None:
 
 
 def _setup_logging(ctx: WorkerContext) -> None:
-    level = logging.INFO if ctx.is_main else logging.WARNING
-    logging.basicConfig(level=level, format=f"[rank {ctx.rank}] %(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("llmtrain").setLevel(level)
+    """Our messages at INFO on rank 0 (WARNING elsewhere); libraries only from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {ctx.rank}] %(message)s", stream=sys.stdout, force=True)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's deprecated calls
+    logging.getLogger("llmtrain").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
