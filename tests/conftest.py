@@ -25,3 +25,34 @@ def need_shared() -> None:
 def shared_dir() -> Path:
     need_shared()
     return SHARED
+
+
+# Data-path artifacts (llmtrain.data), built once per session from slices of the real corpus.
+
+
+@pytest.fixture(scope="session")
+def corpus_slice(shared_dir, tmp_path_factory) -> Path:
+    """The first ~120 KB of every corpus file, cut at a line break (or a space)."""
+    out = tmp_path_factory.mktemp("corpus_slice")
+    for src in sorted(CORPUS.glob("*.txt")):
+        text = src.read_text(encoding="utf-8")[:120_000]
+        cut = text.rfind("\n") if "\n" in text else text.rfind(" ")
+        (out / src.name).write_text(text[:cut], encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(corpus_slice, tmp_path_factory) -> Path:
+    """Our sentencepiece tokenizer (2,000 tokens) trained on `corpus_slice`."""
+    from llmtrain.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([str(corpus_slice)], 2000, tmp_path_factory.mktemp("tokenizer") / "tok")
+
+
+@pytest.fixture(scope="session")
+def small_prepared(corpus_slice, small_tokenizer, tmp_path_factory) -> Path:
+    """`corpus_slice` prepared with `small_tokenizer`: seq_len 64, several shards, 5% val."""
+    from llmtrain.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    return prepare([str(corpus_slice)], small_tokenizer, seq_len=64, output=out, val_fraction=0.05, shard_tokens=20_000)

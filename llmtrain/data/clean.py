@@ -9,7 +9,8 @@ exact duplicates removed by content hash; every decision counted in `CleanStats`
 Rules (in this order):
 - NFC normalisation (`unicodedata`), so visually equal text has one encoding;
 - C0/C1 control characters are removed except newline and tab (so CRLF becomes LF);
-- trailing whitespace and leading blank lines are trimmed (indentation of the first line stays);
+- trailing whitespace and leading blank (or whitespace-only) lines are trimmed; the indentation
+  of the first text line stays;
 - a document that is empty, or shorter than `min_chars` characters, is dropped;
 - exact duplicates (same cleaned text) keep their first occurrence in input order.
 """
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 # Every Unicode "Cc" character except \t and \n: U+0000-U+0008, U+000B-U+001F, U+007F-U+009F.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 
 
 def content_hash(text: str) -> int:
@@ -82,7 +84,7 @@ def clean_text(text: str, stats: CleanStats) -> str | None:
         cleaned = _CONTROL.sub("", text)
         stats.control_chars_removed += len(text) - len(cleaned)
         text = cleaned
-    text = text.rstrip().lstrip("\n")
+    text = _LEADING_BLANK_LINES.sub("", text.rstrip())
     if not text.strip():
         stats.dropped_empty += 1
         return None
