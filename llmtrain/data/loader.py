@@ -134,9 +134,8 @@ class TokenLoader:
         start = self._sample + self.rank * per_rank
         source, rows = self.rows_for(np.arange(start, start + per_rank, dtype=np.int64))
         self._sample += self.global_batch
-        batch = self._batch(source, rows)  # one vectorised pass, then contiguous row slices
-        mb = self.micro_batch_size
-        return [{k: v[i : i + mb] for k, v in batch.items()} for i in range(0, per_rank, mb)]
+        arrays = self._arrays(source, rows)  # one vectorised pass, then contiguous row slices
+        return [self._tensors(arrays, i, i + self.micro_batch_size) for i in range(0, per_rank, self.micro_batch_size)]
 
     def state_dict(self) -> dict:
         epoch, cursor = divmod(self._sample, self.num_rows)
@@ -193,17 +192,20 @@ class TokenLoader:
         else:
             source, local = self.mixture.assign(g)
         rows = np.empty_like(g)
-        for s in np.unique(source):
-            sel = source == s
-            n = self.rows[int(s)]
-            epoch, index = np.divmod(local[sel], n)
-            if not self.shuffle:
+        for s in range(len(self.rows)) if self.mixture is not None else (0,):
+            sel = source == s if self.mixture is not None else slice(None)
+            epoch, index = np.divmod(local[sel], self.rows[s])
+            if not self.shuffle or len(index) == 0:
                 rows[sel] = index
                 continue
+            first, last = int(epoch.min()), int(epoch.max())
+            if first == last:
+                rows[sel] = self._permutation(s, first)(index)
+                continue
             out = np.empty_like(index)
-            for e in np.unique(epoch):
+            for e in range(first, last + 1):
                 at = epoch == e
-                out[at] = self._permutation(int(s), int(e))(index[at])
+                out[at] = self._permutation(s, e)(index[at])
             rows[sel] = out
         return source, rows
 
@@ -219,36 +221,53 @@ class TokenLoader:
 
     # -- batches -------------------------------------------------------------------------------
 
-    def _batch(self, source: np.ndarray, rows: np.ndarray) -> dict:
-        import torch
-
+    def _arrays(self, source: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, position_ids), int64 [len(rows), seq_len] each."""
         n, L = len(rows), self.seq_len
         input_ids = np.empty((n, L), dtype=np.int64)
         labels = np.empty((n, L), dtype=np.int64)
-        seg_start = np.zeros((n, L), dtype=np.int64)
-        for s in np.unique(source):
-            split = self.splits[int(s)]
-            in_source = np.flatnonzero(source == s)
+        # flat positions where a segment (row, document, padding) starts
+        resets = np.zeros(n * L, dtype=bool)
+        resets[::L] = True
+        for s in range(len(self.splits)) if self.mixture is not None else (0,):
+            in_source = np.flatnonzero(source == s) if self.mixture is not None else np.arange(n)
+            if len(in_source) == 0:
+                continue
+            split = self.splits[s]
             shard_of, local = split.locate(rows[in_source])
+            if len(split.shards) == 1:
+                self._fill(split.shards[0], in_source, local, input_ids, labels, resets)
+                continue
             for k in np.unique(shard_of):
                 at = shard_of == k
-                self._fill(split.shards[int(k)], in_source[at], local[at], input_ids, labels, seg_start)
-        position_ids = np.arange(L, dtype=np.int64) - np.maximum.accumulate(seg_start, axis=1)
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids),
-        }
+                self._fill(split.shards[int(k)], in_source[at], local[at], input_ids, labels, resets)
+        starts = np.flatnonzero(resets)
+        lengths = np.diff(starts, append=n * L)
+        position_ids = (self._flat_arange(n * L) - np.repeat(starts, lengths)).reshape(n, L)
+        return input_ids, labels, position_ids
+
+    def _flat_arange(self, size: int) -> np.ndarray:
+        cached = self.__dict__.get("_arange")
+        if cached is None or len(cached) != size:
+            cached = self.__dict__["_arange"] = np.arange(size, dtype=np.int64)
+        return cached
 
     @staticmethod
-    def _fill(shard, out: np.ndarray, r: np.ndarray, input_ids, labels, seg_start) -> None:
+    def _tensors(arrays: tuple[np.ndarray, ...], start: int, stop: int) -> dict:
+        import torch
+
+        input_ids, labels, position_ids = (torch.from_numpy(a[start:stop]) for a in arrays)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+    @staticmethod
+    def _fill(shard, out: np.ndarray, r: np.ndarray, input_ids, labels, resets: np.ndarray) -> None:
         """Rows `r` of one shard -> batch rows `out` (vectorised over the rows)."""
         L = input_ids.shape[1]
         block = shard.tokens[r]  # [k, L] gather
         input_ids[out] = block
         labels[out, :-1] = block[:, 1:]
-        last = r + 1 == shard.rows
         labels[out, -1] = shard.tokens[np.minimum(r + 1, shard.rows - 1), 0]
+        last = r + 1 == shard.rows
         if last.any():
             final = out[last][0]
             labels[final, -1] = IGNORE if shard.next_token is None else shard.next_token
@@ -256,9 +275,9 @@ class TokenLoader:
                 labels[final, shard.real_tokens - (shard.rows - 1) * L - 1 :] = IGNORE
         first, stop = shard.starts_offsets[r].astype(np.int64), shard.starts_offsets[r + 1].astype(np.int64)
         counts = stop - first
-        if counts.sum():
+        total = int(counts.sum())
+        if total:
             # concatenate the ranges values[first[i]:stop[i]] without a Python loop
             begin = np.cumsum(counts) - counts
-            where = np.repeat(first - begin, counts) + np.arange(int(counts.sum()))
-            offsets = shard.starts_values[where].astype(np.int64)
-            seg_start[np.repeat(out, counts), offsets] = offsets
+            where = np.repeat(first - begin, counts) + np.arange(total)
+            resets[np.repeat(out * L, counts) + shard.starts_values[where]] = True
