@@ -46,13 +46,14 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--max-sentences", type=int, default=2_000_000, metavar="N", help="sample at most N training sentences")
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--text-column", default="text", help="column holding the text in JSONL/Parquet inputs")
 
 
 @command("tokenizer", "train a sentencepiece BPE tokenizer (byte fallback, chat tokens)", _tokenizer_args)
 def _tokenizer(args: argparse.Namespace) -> None:
     from llmtrain.data.tokenizer import train_tokenizer
 
-    train_tokenizer(args.input, args.vocab_size, args.output, max_sentences=args.max_sentences, threads=args.threads)
+    train_tokenizer(args.input, args.vocab_size, args.output, max_sentences=args.max_sentences, threads=args.threads, text_column=args.text_column)
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:

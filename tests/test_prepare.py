@@ -263,6 +263,8 @@ def test_sample_corpus_is_deterministic_and_prepares(small_tokenizer, tmp_path):
     files = write_sample_corpus(tmp_path / "a")
     again = write_sample_corpus(tmp_path / "b")
     assert [f.read_bytes() for f in files] == [f.read_bytes() for f in again]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert write_sample_corpus(tmp_path / "a") == files and [f.stat().st_mtime_ns for f in files] == mtimes
     assert sum(f.stat().st_size for f in files) > 1_500_000
     records = [json.loads(line) for line in files[0].read_text().splitlines()]
     assert any(r["source"] == "pydoc_data.topics:if" and "if_stmt" in r["text"] for r in records)
@@ -282,3 +284,14 @@ def test_loader_rejects_empty_split(small_tokenizer, corpus_slice, tmp_path):
     with pytest.raises(UserError, match="no 'val' rows"):
         data.split("val")
     assert Path(out, "manifest.json").is_file()
+
+
+def test_output_inside_an_input_directory(small_tokenizer, corpus_slice, tmp_path, capfd):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes((corpus_slice / "inaugural.txt").read_bytes())
+    out = prepare([str(corpus)], small_tokenizer, 64, corpus / "prepared")
+    capfd.readouterr()
+    prepare([str(corpus)], small_tokenizer, 64, corpus / "prepared")  # its own manifest is no input
+    assert "up to date" in capfd.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["documents_read"] == len(blocks((corpus / "a.txt").read_text()))

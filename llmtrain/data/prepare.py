@@ -68,7 +68,7 @@ def prepare(
 ) -> Path:
     """Build the prepared directory `output`; return its path. See the module docstring."""
     _check_args(seq_len, val_fraction, shard_tokens, workers, min_chars, dtype)
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, exclude=[output])
     tok = load_tokenizer(tokenizer)
     if tok.max_length is not None and seq_len > tok.max_length:
         raise UserError(f"--seq-len {seq_len} is longer than the {tok.max_length} positions {tok.path} allows; use --seq-len <= {tok.max_length}")

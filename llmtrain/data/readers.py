@@ -48,8 +48,9 @@ def _no_progress(n: int) -> None:
     return None
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named by `inputs` (files, directories, globs), in order, each once."""
+def expand_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Files named by `inputs` (files, directories, globs), in order, each once; files inside
+    the `exclude` directories (e.g. the output being written) are left out."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -73,6 +74,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise UserError(f"{item}: no such file or directory; check --input")
+    skip = [Path(e).resolve() for e in exclude]
+    files = [f for f in files if not any(f.resolve().is_relative_to(d) for d in skip)]
+    if not files:
+        raise UserError(f"--input {' '.join(map(str, inputs))}: no input files outside the output directory; check --input")
     unique: dict[Path, Path] = {}
     for f in files:
         if not os.access(f, os.R_OK):

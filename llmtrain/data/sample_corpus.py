@@ -92,15 +92,22 @@ def stdlib_docstrings(root: Path | None = None) -> Iterator[tuple[str, str]]:
 
 
 def write_sample_corpus(out_dir: str | os.PathLike) -> list[Path]:
-    """Write the two JSONL files into `out_dir` (replaced as a whole); return their paths."""
+    """Write the two JSONL files into `out_dir`; return their paths. Files already there with
+    the same bytes are left untouched (so their mtimes, and a prepared dir built from them, stay
+    up to date); otherwise the directory is replaced as a whole."""
     out_dir = Path(out_dir)
     sources = {"pydoc_topics.jsonl": pydoc_topics(), "stdlib_docstrings.jsonl": stdlib_docstrings()}
+    contents = {
+        name: "".join(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n" for source, text in docs).encode()
+        for name, docs in sources.items()
+    }
+    paths = [out_dir / name for name in contents]
+    if all(p.is_file() and p.read_bytes() == contents[p.name] for p in paths):
+        return paths
     with atomic_dir(out_dir, replace=True) as tmp:
-        for name, docs in sources.items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                for source, text in docs:
-                    f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-    return [out_dir / name for name in sources]
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+    return paths
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def train(
         raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 ids; use at least {MIN_VOCAB}")
     if max_sentences < 1:
         raise UserError(f"--max-sentences {max_sentences} must be at least 1")
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, exclude=[output])
     out = Path(output)
     record = {
         "version": _SEMANTIC_VERSION,
