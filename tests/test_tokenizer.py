@@ -63,8 +63,10 @@ def test_transformers_gives_sentencepiece_ids_on_corpus(small_tokenizer):
     for text, ids in zip(EDGE_CASES, expected[-len(EDGE_CASES):]):
         assert tok.decode(ids) == text
         assert hf.decode(ids) == text
-    # the chat tokens are single ids in both
+    # the chat tokens are single ids in both, and special to transformers
     assert tok.encode("<|user|>")[0] == tok.token_to_id("<|user|>") == hf.convert_tokens_to_ids("<|user|>")
+    chat = tok.encode("<|user|>Hi there<|end|>")
+    assert hf.decode(chat, skip_special_tokens=True) == "Hi there" and tok.decode(chat) == "<|user|>Hi there<|end|>"
 
 
 def test_autotokenizer_loads_from_the_directory(small_tokenizer):

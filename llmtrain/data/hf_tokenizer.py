@@ -10,9 +10,11 @@ byte fallback, and the sentencepiece control/user-defined pieces as added tokens
 `transformers` tokenizer adds `<s>` in front of a sequence by default, as the model saw in
 pretraining; `add_special_tokens=False` gives exactly sentencepiece's ids.
 
-One deliberate difference: the literal strings `<s>`, `</s>`, `<unk>`, `<pad>` in text become
-their control ids in `transformers` (as for every Hugging Face tokenizer), while sentencepiece
-never produces control ids from text. The chat tokens (`<|user|>` etc.) match in both.
+All of them are marked special, so `decode(..., skip_special_tokens=True)` drops the chat
+tokens too. One deliberate difference: the literal strings `<s>`, `</s>`, `<unk>`, `<pad>` in
+text become their control ids in `transformers` (as for every Hugging Face tokenizer), while
+sentencepiece never produces control ids from text. The chat tokens (`<|user|>` etc.) are
+single ids in both.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def build_hf_tokenizer(model_file: Path):
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_tokens(
         [
-            AddedToken(p.piece, normalized=False, special=p.type in (_CONTROL, _UNKNOWN))
+            AddedToken(p.piece, normalized=False, special=True)
             for p in proto.pieces
             if p.type in (_CONTROL, _USER_DEFINED, _UNKNOWN)
         ]

@@ -215,7 +215,7 @@ class TokenLoader:
         if perm is None:
             perm = Permutation(self.rows[source], derive_key(self.seed, "rows", source, epoch))
             self._perms[key] = perm
-            if len(self._perms) > 16:
+            if len(self._perms) > 4:  # tables are up to 16 MB; a step touches at most two epochs
                 self._perms.popitem(last=False)
         return perm
 
