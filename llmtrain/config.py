@@ -92,6 +92,7 @@ class TrainSection(Section):
     val_every: int = Field(default=0, ge=0)
     """Validation every N steps; 0 = only before the first and after the last step."""
     val_batches: int = Field(default=4, ge=1)
+    """Validation size in global batches (the same rows whatever the number of workers)."""
     max_bad_steps: int = Field(default=5, ge=1)
     """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
 

@@ -100,7 +100,9 @@ def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: boo
 
 
 def prepare_deepspeed_runtime(on_gpu: bool) -> None:
-    """Process-wide DeepSpeed settings; call before importing deepspeed's engine.
+    """Process-wide DeepSpeed settings, then DeepSpeed's communication layer on the process
+    group that already exists (call after the process group is up, before building the model:
+    ZeRO-3's `zero.Init` needs the world size).
 
     On CPU the accelerator is pinned to `cpu` (skips the probe), and DeepSpeed's shared-memory
     communication op is marked incompatible: `init_distributed` would otherwise JIT-compile it
@@ -108,11 +110,13 @@ def prepare_deepspeed_runtime(on_gpu: bool) -> None:
     """
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
     import deepspeed.ops
 
     if not on_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ def pretrain_task(cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskDat
     def make_val():
         if not train.has_split("val"):
             return None
-        return loader("val", False, cfg.train.val_batches)
+        # val_batches global batches, split over ranks like training: the same rows at any world size
+        return loader("val", False, cfg.train.val_batches * layout.grad_accum)
 
     return TaskData(
         name="pretrain",
