@@ -74,6 +74,8 @@ def parse_sources(sources: Sources) -> list[tuple[Path, float]]:
 
 
 class TokenLoader:
+    """Batches of one split of one prepared directory or a weighted mixture (module docstring)."""
+
     def __init__(
         self,
         sources: Sources,
@@ -138,6 +140,8 @@ class TokenLoader:
         return [self._tensors(arrays, i, i + self.micro_batch_size) for i in range(0, per_rank, self.micro_batch_size)]
 
     def state_dict(self) -> dict:
+        """{seed, epoch, cursor, ...}: the next sample is g = epoch * num_rows + cursor (num_rows
+        summed over the sources of a mixture); the rest identifies the data it belongs to."""
         epoch, cursor = divmod(self._sample, self.num_rows)
         return {
             "version": STATE_VERSION,

@@ -83,11 +83,16 @@ def write_shard(path: Path, tokens: np.ndarray, starts_offsets: np.ndarray, star
     """Write one shard (rows = tokens.shape[0]); returns its manifest entry without `tokens`."""
     import pyarrow as pa
 
+    def arrow(values: np.ndarray, arrow_type):  # zero-copy (and unlike pa.array, no pandas import)
+        values = np.ascontiguousarray(values)
+        return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
+
     rows, seq_len = tokens.shape
-    token_arr = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(tokens).reshape(-1)), seq_len)
-    starts_arr = pa.ListArray.from_arrays(pa.array(starts_offsets.astype(np.int32)), pa.array(starts_values.astype(np.int32)))
+    value_type = pa.uint16() if dtype == "uint16" else pa.uint32()
+    token_arr = pa.FixedSizeListArray.from_arrays(arrow(tokens.reshape(-1).astype(DTYPES[dtype], copy=False), value_type), seq_len)
+    starts_arr = pa.ListArray.from_arrays(arrow(starts_offsets.astype(np.int32), pa.int32()), arrow(starts_values.astype(np.int32), pa.int32()))
     schema = _arrow_schema(seq_len, dtype)
-    batch = pa.record_batch([token_arr, starts_arr], schema=schema)
+    batch = pa.RecordBatch.from_arrays([token_arr, starts_arr], schema=schema)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(batch)
     return {"file": path.name, "rows": int(rows), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -230,6 +235,14 @@ def open_prepared(path: str | os.PathLike) -> Prepared:
     return Prepared(directory, manifest, splits)
 
 
+def _view(array, dtype) -> np.ndarray:
+    """Zero-copy numpy view of a primitive Arrow array (read-only when memory-mapped)."""
+    dtype = np.dtype(dtype)
+    if array.null_count:
+        raise ValueError("unexpected nulls")
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def _open_shard(directory: Path, entry: dict, manifest: dict) -> Shard:
     import pyarrow as pa
 
@@ -246,11 +259,11 @@ def _open_shard(directory: Path, entry: dict, manifest: dict) -> Shard:
             raise ValueError("unexpected layout")
         batch = reader.get_batch(0)
         tokens_col, starts_col = batch.column(0), batch.column(1)
-        flat = tokens_col.values.to_numpy(zero_copy_only=True)
         rows = len(tokens_col)
+        flat = _view(tokens_col.values, DTYPES[dtype])
         tokens = flat[tokens_col.offset * seq_len : (tokens_col.offset + rows) * seq_len].reshape(rows, seq_len)
-        offsets = starts_col.offsets.to_numpy(zero_copy_only=True)
-        values = starts_col.values.to_numpy(zero_copy_only=True)
+        offsets = _view(starts_col.offsets, np.int32)
+        values = _view(starts_col.values, np.int32)
     except (pa.ArrowException, ValueError, OSError) as err:
         raise UserError(f"{path}: not a valid token shard ({str(err).splitlines()[0]}); {_REPREPARE}") from None
     if rows != int(entry["rows"]) or len(offsets) != rows + 1 or int(offsets[-1]) > len(values):
