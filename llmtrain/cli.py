@@ -148,6 +148,63 @@ def _generate(args: argparse.Namespace) -> None:
     print("\n\n".join(texts))
 
 
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", metavar="PATH", help="text/JSONL/Parquet inputs (default: text shipped with Python)")
+    p.add_argument("--output", default="runs/quickstart", metavar="DIR")
+    p.add_argument("--steps", type=int, default=200, help="pretraining steps")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override pretraining config keys")
+
+
+@command("quickstart", "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate", _quickstart_args)
+def _quickstart(args: argparse.Namespace) -> None:
+    from llmtrain.quickstart import quickstart
+
+    quickstart(args.output, corpus=args.corpus, steps=args.steps, vocab_size=args.vocab_size, seq_len=args.seq_len,
+               workers=args.workers, overrides=args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters (Ray Jobs API)
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, metavar="URL",
+                   help="the cluster's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    _address_arg(p)
+    p.add_argument("--task", default="pretrain", choices=["pretrain", "sft"], help="what the job runs (default: pretrain)")
+    p.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 only if it succeeded")
+    p.add_argument("--no-resource-check", action="store_true", help="submit even if the alive nodes cannot hold the workers (autoscaling clusters)")
+
+
+@command("submit", "submit a training job to a Ray cluster (Jobs API) with this checkout's code and the resolved config", _submit_args)
+def _submit(args: argparse.Namespace) -> int:
+    from llmtrain.submit import submit
+
+    return submit(args.config, args.overrides, args.address, task=args.task, follow=args.follow,
+                  resource_check=not args.no_resource_check)
+
+
+def _jobs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="for status, logs and stop")
+    _address_arg(p)
+    p.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+
+
+@command("jobs", "list jobs on a Ray cluster, or show the status / logs of one, or stop it", _jobs_args)
+def _jobs(args: argparse.Namespace) -> int:
+    from llmtrain.submit import jobs
+
+    return jobs(args.action, args.job_id, args.address, follow=args.follow)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
