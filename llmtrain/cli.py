@@ -111,7 +111,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from llmtrain.report import print_run_summary
 
     cfg = load_config(args.config, args.overrides)
-    launch(cfg, "pretrain")
+    launch(cfg, "pretrain", started=_process_start())
     print_run_summary(cfg.run.dir)
 
 
@@ -206,6 +206,13 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _process_start() -> float:
+    """When this command's process started (unix time), for the start-up breakdown."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -31,8 +30,12 @@ log = logging.getLogger("llmtrain")
 WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def launch(cfg: JobConfig, task: str) -> dict[str, Any]:
-    """Run `task` ("pretrain", "sft") for `cfg` on Ray; returns the final metrics."""
+def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[str, Any]:
+    """Run `task` ("pretrain", "sft") for `cfg` on Ray; returns the final metrics. `started`:
+    when the command began (unix time), for the start-up breakdown the workers log."""
+    from llmtrain.metrics import StartupClock
+
+    clock = StartupClock(started)
     cfg = absolutize_paths(cfg)
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cuda_available()
     cfg.cluster.use_gpu = use_gpu
@@ -41,11 +44,10 @@ def launch(cfg: JobConfig, task: str) -> dict[str, Any]:
     preflight(cfg, task)
     run_dir = Path(cfg.run.dir)
     write_resolved_config(cfg, run_dir)
-
-    t0 = time.perf_counter()
+    clock.mark("driver")
     start_ray(cfg)
-    log.info("Ray ready in %.1f s", time.perf_counter() - t0)
-    trainer = _trainer(cfg, task, use_gpu)
+    clock.mark("ray_init")
+    trainer = _trainer(cfg, task, use_gpu, clock)
     with ProgressBar(run_dir, cfg.train.max_steps):
         try:
             result = trainer.fit()
@@ -57,7 +59,7 @@ def launch(cfg: JobConfig, task: str) -> dict[str, Any]:
     return dict(result.metrics or {})
 
 
-def _trainer(cfg: JobConfig, task: str, use_gpu: bool):
+def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,7 +71,7 @@ def _trainer(cfg: JobConfig, task: str, use_gpu: bool):
     run_dir = Path(cfg.run.dir)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "task": task},
+        train_loop_config={"config": cfg.to_dict(), "task": task, "startup": clock.state()},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,

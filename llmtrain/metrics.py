@@ -66,6 +66,28 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class StartupClock:
+    """Wall-clock phases from the command's start to the first optimizer step. The driver marks
+    its phases and hands `state()` to the workers, which continue the same clock."""
+
+    def __init__(self, start: Optional[float] = None, marks: Optional[dict] = None, last: Optional[float] = None):
+        self.start = start if start is not None else time.time()
+        self.marks: dict[str, float] = dict(marks or {})
+        self.last = last if last is not None else self.start
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.marks[phase] = round(now - self.last, 2)
+        self.last = now
+
+    def state(self) -> dict:
+        return {"start": self.start, "marks": self.marks, "last": self.last}
+
+    @property
+    def total(self) -> float:
+        return round(self.last - self.start, 2)
+
+
 class MetricsWriter:
     """Rank 0's writer of RUN_DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard."""
 

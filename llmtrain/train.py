@@ -30,20 +30,23 @@ from llmtrain.config import JobConfig
 from llmtrain.context import WorkerContext
 from llmtrain.engine import batch_layout, build_model, deepspeed_config, initialize, prepare_deepspeed_runtime, resolve_precision
 from llmtrain.errors import UserError
-from llmtrain.metrics import MetricsWriter, memory_gb, peak_flops
+from llmtrain.metrics import MetricsWriter, StartupClock, memory_gb, peak_flops
 from llmtrain.tasks import TaskData, build_task
 
 log = logging.getLogger("llmtrain")
 
 
 def train_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's `train_loop_per_worker`: job = {"config": JobConfig dict, "task": name}."""
+    """Ray Train's `train_loop_per_worker`: job = {"config": JobConfig dict, "task": name,
+    "startup": the driver's StartupClock state}."""
+    clock = StartupClock(**job["startup"]) if "startup" in job else StartupClock()
+    clock.mark("workers_start")
     cfg = JobConfig.model_validate(job["config"])
-    return run(cfg, job["task"])
+    return run(cfg, job["task"], clock)
 
 
-def run(cfg: JobConfig, task: str) -> dict[str, Any]:
-    t_start = time.perf_counter()
+def run(cfg: JobConfig, task: str, clock: Optional[StartupClock] = None) -> dict[str, Any]:
+    clock = clock or StartupClock()
     ctx = WorkerContext.start(cfg.cluster.use_gpu)
     _setup_logging(ctx)
     layout = batch_layout(cfg, ctx.world_size)
@@ -51,13 +54,17 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
     prepare_deepspeed_runtime(ctx.on_gpu)
     _select_kernels(cfg)
     run_dir = Path(cfg.run.dir)
+    clock.mark("process_group")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     data: TaskData = build_task(task, cfg, layout, ctx)
+    clock.mark("data")
     ds_config = deepspeed_config(cfg, layout, precision, ctx.on_gpu)
     model = build_model(data.model_config, cfg, ds_config, init_weights=data.init_weights)
     data.prepare_model(model)
+    clock.mark("model")
     engine, guard, grad_norm = initialize(model, cfg, ds_config)
+    clock.mark("engine")
 
     step = 0
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
@@ -83,8 +90,8 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
     tokens_per_step = layout.global_batch_size * data.seq_len
     if step == 0:
         _validate(engine, data, ctx, writer, step)
-    if ctx.is_main:
-        log.info("first step after %.1f s in the worker", time.perf_counter() - t_start)
+        clock.mark("validation")
+    first_step = step + 1
 
     bad_in_a_row = skipped = 0
     window_t, window_steps = time.perf_counter(), 0
@@ -95,6 +102,12 @@ def run(cfg: JobConfig, task: str) -> dict[str, Any]:
         loss, n_tokens, finite = train_step(engine, guard, data.train.next_step(), ctx)
         step += 1
         window_steps += 1
+        if step == first_step:
+            clock.mark("first_step")
+            writer.write({"step": step - 1, "startup_s": clock.marks, "command_to_first_step_s": clock.total})
+            if ctx.is_main:
+                log.info("first optimizer step %.1f s after the command (%s)", clock.total,
+                         ", ".join(f"{k} {v:.1f}" for k, v in clock.marks.items()))
         if not finite:
             skipped += 1
             bad_in_a_row += 1
