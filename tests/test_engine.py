@@ -23,8 +23,9 @@ VOCAB, SEQ = 97, 16
 
 @pytest.fixture(scope="module")
 def ctx():
+    ctx = WorkerContext.start(use_gpu=False)
     prepare_deepspeed_runtime(on_gpu=False)
-    return WorkerContext.start(use_gpu=False)
+    return ctx
 
 
 def small_model(seed=0) -> Decoder:
