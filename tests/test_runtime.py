@@ -23,16 +23,20 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_zero_stages_track_a_single_process(data, tmp_path):
-    """Same global batch: ZeRO 0/1/2/3 on 2 workers follow one process's losses step by step."""
+    """Same global batch: ZeRO 0/1/2/3 on 2 workers (and ZeRO-3 with parameter and optimizer
+    CPU offload and activation checkpointing) follow one process's losses step by step."""
     steps = ["train.max_steps=4", f"data.path={data}"]
     torchrun(1, [*steps, f"run.dir={tmp_path / 'single'}", "zero.stage=0"])
     reference = losses(tmp_path / "single")
     assert sorted(reference) == [1, 2, 3, 4]
-    for stage in (0, 1, 2, 3):
-        torchrun(2, [*steps, f"run.dir={tmp_path / f'zero{stage}'}", f"zero.stage={stage}"])
-        got = losses(tmp_path / f"zero{stage}")
+    variants = {f"zero{stage}": [f"zero.stage={stage}"] for stage in (0, 1, 2, 3)}
+    variants["zero3-offload-checkpointing"] = ["zero.stage=3", "zero.offload_params=true", "zero.offload_optimizer=true",
+                                               "model.activation_checkpointing=true"]
+    for name, settings in variants.items():
+        torchrun(2, [*steps, f"run.dir={tmp_path / name}", *settings])
+        got = losses(tmp_path / name)
         for step, loss in reference.items():
-            assert got[step] == pytest.approx(loss, rel=2e-5), f"zero {stage} step {step}"
+            assert got[step] == pytest.approx(loss, rel=2e-5), f"{name} step {step}"
 
 
 def _final_tensors(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
