@@ -88,6 +88,16 @@ class WorkerContext:
         )
 
 
+    def restored_checkpoint(self) -> Optional[str]:
+        """After Ray Train restarted the worker group: the checkpoint it restores (else None)."""
+        if not self.in_ray:
+            return None
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.path if checkpoint is not None else None
+
+
 def _in_ray_train_worker() -> bool:
     try:
         import ray.train

@@ -67,7 +67,14 @@ def run(cfg: JobConfig, task: str, clock: Optional[StartupClock] = None) -> dict
     clock.mark("engine")
 
     step = 0
-    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    # After a failure Ray Train restarts the worker group: continue from the newest complete
+    # checkpoint of this run (the one Ray restores, or a newer one whose report was lost).
+    restored = ctx.restored_checkpoint()
+    resume_from = checkpoint.find_latest(run_dir) if restored else None
+    if restored and ctx.is_main:
+        log.warning("restarted after a failure: Ray Train restores %s; resuming from %s", restored, resume_from)
+    if resume_from is None:
+        resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
     model_shape = data.model_config.to_dict()
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
@@ -89,6 +96,7 @@ def run(cfg: JobConfig, task: str, clock: Optional[StartupClock] = None) -> dict
     peak = peak_flops(ctx.device, precision) * ctx.world_size
     tokens_per_step = layout.global_batch_size * data.seq_len
     if step == 0:
+        data.start(engine, ctx, run_dir)
         _validate(engine, data, ctx, writer, step)
         clock.mark("validation")
     first_step = step + 1
