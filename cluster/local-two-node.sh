@@ -64,7 +64,7 @@ usage() {
 }
 
 check_prereqs() {
-    [[ "$(id -u)" == 0 ]] || die "must run as root (network namespaces); try sudo $0 $*"
+    [[ "$(id -u)" == 0 ]] || die "must run as root (network namespaces): sudo $0 ..."
     command -v ip >/dev/null || die "iproute2 ('ip') not found; install iproute2"
     ip netns list >/dev/null 2>&1 || die "'ip netns' is not usable here (kernel or container without netns support)"
     [[ ${#NAME} -le 10 && "$NAME" =~ ^[a-z][a-z0-9]*$ ]] || die "LLMTRAIN_CLUSTER_NAME='$NAME': use 1-10 lowercase letters/digits"
@@ -98,7 +98,6 @@ node_env() {
     echo "RAY_enable_metrics_collection=0"
     echo "GLOO_SOCKET_IFNAME=$LINK"
     echo "RAY_API_SERVER_ADDRESS=http://$HEAD_IP:$DASHBOARD_PORT"
-    echo "LLMTRAIN_CLUSTER_HEAD=$HEAD_IP"
     echo "DS_ACCELERATOR=cpu"
 }
 
@@ -129,8 +128,8 @@ make_network() {
     local node ns
     for node in head worker; do
         ns="$(ns_of "$node")"
-        # `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts: both nodes' names
-        # resolve locally (gloo/c10d look up peer names), and nothing asks a DNS server.
+        # `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts: the two nodes'
+        # addresses resolve from that file (c10d looks up its peers' names).
         mkdir -p "/etc/netns/$ns"
         { cat /etc/hosts; printf '%s %s\n%s %s\n' "$HEAD_IP" "$NS_HEAD" "$WORKER_IP" "$NS_WORKER"; } > "/etc/netns/$ns/hosts"
         ip -n "$ns" link set lo up
@@ -289,7 +288,6 @@ main() {
         down) cmd_down ;;
         status) cmd_status ;;
         exec) cmd_exec "$@" ;;
-        env) check_prereqs; node_env "${1:-head}" ;;
         -h|--help|help) usage 0 ;;
         *) usage 2 ;;
     esac
