@@ -171,20 +171,26 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
 NO_DECAY_MARKERS = ("embed_tokens", "norm")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: Optional[float] = None) -> list[dict]:
     """Trainable parameters in two groups: decayed matrices; no decay for norms, biases and
-    embeddings (GPT-3 / Llama practice). Frozen parameters are left out of the optimizer."""
-    decay, no_decay = [], []
+    embeddings (GPT-3 / Llama practice). Frozen parameters are left out of the optimizer.
+    A parameter carrying an `lr_scale` attribute other than 1 (layer-wise LR decay, set by a
+    task's prepare_model) goes into groups of its own with `lr` = lr x lr_scale, after the
+    unscaled ones (so get_lr()[0] stays the configured LR)."""
+    by_key: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         ndim = param.ds_shape.__len__() if hasattr(param, "ds_shape") else param.dim()
-        if ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decayed = not (ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS))
+        by_key.setdefault((float(getattr(param, "lr_scale", 1.0)), decayed), []).append(param)
+    groups = []
+    for scale, decayed in sorted(by_key, key=lambda k: (-k[0], not k[1])):
+        group = {"params": by_key[(scale, decayed)], "weight_decay": weight_decay if decayed else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        groups.append(group)
+    return groups
 
 
 def make_optimizer(groups: list[dict], cfg: JobConfig) -> torch.optim.Optimizer:
@@ -235,7 +241,7 @@ def initialize(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
     Returns (engine, step guard, grad_norm() -> float | None)."""
     import deepspeed
 
-    optimizer = make_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
+    optimizer = make_optimizer(param_groups(model, cfg.train.weight_decay, cfg.train.lr), cfg)
     guard = StepGuard(optimizer)
     stage0 = None
     if cfg.zero.stage == 0:

@@ -28,6 +28,7 @@ class TaskData:
     make_val: Callable[[], Optional[Any]] = lambda: None
     init_weights: Optional[Callable] = None  # init_weights(model): load base weights
     prepare_model: Callable = lambda model: None  # e.g. LoRA wrapping, freezing
+    start: Callable = lambda engine, ctx, run_dir: None  # before the first step of a fresh run (e.g. baseline metrics)
     finish: Callable = lambda engine, ctx, run_dir: None  # e.g. a fine-tuning report
     extra: dict = field(default_factory=dict)
 
@@ -49,7 +50,11 @@ class TaskData:
 def build_task(name: str, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
     if name == "pretrain":
         return pretrain_task(cfg, layout, ctx)
-    raise UserError(f"unknown task {name!r}; choose pretrain")
+    if name == "sft":
+        from llmtrain.finetune import sft_task
+
+        return sft_task(cfg, layout, ctx)
+    raise UserError(f"unknown task {name!r}; choose pretrain or sft")
 
 
 def model_source(cfg: JobConfig, vocab_size: int, seq_len: int, rank: int):
