@@ -62,6 +62,45 @@ class DataSection(Section):
     mixture: list[MixtureEntry] = Field(default_factory=list)
     """Pretraining alternative to `path`: several prepared directories with sampling weights."""
 
+    # SFT only (`llmtrain sft`; llmtrain/data/sft.py): how records become training examples.
+    format: Literal["auto", "chat", "pairs", "labelled"] = "auto"
+    """chat: {"messages": [{"role", "content"}, ...]}; pairs: prompt/response fields; labelled:
+    text/label fields turned into prompt -> label word by `template`; auto: from the first record."""
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    label_field: str = "label"
+    template: Optional[str] = None
+    """Prompt built from a record's fields (Python format syntax), e.g. "Review: {text}\nSentiment:"."""
+    label_words: Optional[dict[str, str]] = None
+    """labelled: the response text for each label (default: the label itself)."""
+    system_prompt: Optional[str] = None
+    """pairs/labelled: a system message put before every prompt."""
+    chat_template: str = "auto"
+    """auto | checkpoint | llmtrain | plain | completion | PATH.jinja (llmtrain/data/chat.py)."""
+    tokenizer: Optional[Path] = None
+    """Default: the base model's tokenizer (needed when training from a preset)."""
+    seq_len: Optional[int] = Field(default=None, ge=8)
+    """Row length; default: the model's positions, at most 2048."""
+    packing: bool = True
+    """Several examples per row (attention stays inside each); false: one padded example per row."""
+    truncation: Literal["error", "drop", "truncate"] = "error"
+    """Examples longer than seq_len: stop with their count, drop them, or cut them to seq_len."""
+    max_examples: Optional[int] = Field(default=None, ge=1)
+    """Train on a seeded random subset of this many examples."""
+    val_path: Optional[Path] = None
+    """Validation records; default: `val_fraction` of `path`, held out."""
+    val_fraction: float = Field(default=0.05, ge=0, lt=1)
+    max_val_examples: int = Field(default=1000, ge=1)
+    cache_dir: Optional[Path] = None
+    """Tokenized-data cache, keyed by data + tokenizer + template (default: RUN_DIR/sft-cache)."""
+
+    @field_validator("val_path", "tokenizer", "cache_dir")
+    @classmethod
+    def _absolute(cls, path: Optional[Path]) -> Optional[Path]:
+        return None if path is None else Path(path).expanduser().resolve()
+
 
 class TrainSection(Section):
     max_steps: int = Field(default=100, ge=1)
@@ -142,6 +181,35 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(default_factory=list)
 
 
+class FinetuneSection(Section):
+    """Which parameters train in full fine-tuning, and what the end-of-run report measures (sft only)."""
+
+    freeze: list[str] = Field(default_factory=list)
+    """Parameter-name patterns (fnmatch) to freeze, e.g. "model.embed_tokens.*"."""
+    freeze_layers: Optional[str] = None
+    """Blocks to freeze: indices and inclusive ranges, e.g. "0-5" or "0,1,4-7"."""
+    layer_lr_decay: float = Field(default=1.0, gt=0, le=1)
+    """Layer-wise LR decay: block i of L trains at lr x decay^(L-i), embeddings at decay^(L+1)."""
+    eval_examples: int = Field(default=500, ge=1)
+    """Validation examples scored for the task accuracy (labelled data) before and after."""
+    base_val_path: Optional[Path] = None
+    """Pretraining validation data (a prepared dir) for the forgetting report; default: the base run's."""
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _layer_spec(cls, spec: Optional[str]) -> Optional[str]:
+        import re
+
+        if spec is not None and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", spec):
+            raise ValueError("expected block indices and ranges like '0-5' or '0,1,4-7'")
+        return spec
+
+    @field_validator("base_val_path")
+    @classmethod
+    def _absolute(cls, path: Optional[Path]) -> Optional[Path]:
+        return None if path is None else Path(path).expanduser().resolve()
+
+
 class JobConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -152,6 +220,7 @@ class JobConfig(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     kernels: KernelsSection = Field(default_factory=KernelsSection)
     lora: Optional[LoraSection] = None
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
