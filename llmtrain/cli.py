@@ -115,18 +115,69 @@ def _pretrain(args: argparse.Namespace) -> None:
     print_run_summary(cfg.run.dir)
 
 
+@command("sft", "supervised fine-tuning, full or LoRA (a lora: section), of a run or a released checkpoint", _config_args)
+def _sft(args: argparse.Namespace) -> None:
+    from llmtrain.config import load_config
+    from llmtrain.finetune import print_report
+    from llmtrain.launch import launch
+    from llmtrain.report import print_run_summary
+
+    cfg = load_config(args.config, args.overrides)
+    launch(cfg, "sft", started=_process_start())
+    print_run_summary(cfg.run.dir)
+    print_report(cfg.run.dir)
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its newest checkpoint) or one checkpoint directory")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step instead of the newest")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: write the base with the adapter merged (default: the adapter)")
 
 
-@command("export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage)", _export_args)
+@command("export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage), or a LoRA run's PEFT adapter", _export_args)
 def _export(args: argparse.Namespace) -> None:
     from llmtrain.export import export
 
-    out = export(args.run_dir, args.output, step=args.step)
+    out = export(args.run_dir, args.output, step=args.step, merge=args.merge)
     print(f"exported {out}")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face-format directory (an export or a released checkpoint)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter for MODEL_DIR (e.g. RUN_DIR/adapter)")
+    p.add_argument("--data", metavar="PREPARED_DIR", help="perplexity on the validation split of a prepared directory")
+    p.add_argument("--batches", type=int, default=16, metavar="N", help="perplexity: batches of 8 rows to read")
+    p.add_argument("--task", metavar="FILE", help="accuracy on labelled JSONL/JSON/Parquet records (text, label)")
+    p.add_argument("--template", default=None, help='prompt built from a record, e.g. "Review: {text}\\nSentiment:"')
+    p.add_argument("--label-word", action="append", default=[], metavar="LABEL=WORD", help="the answer text of a label (repeat)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--chat-template", default="auto", help="auto | checkpoint | llmtrain | plain | completion | FILE.jinja")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="accuracy: at most N records")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="generate a continuation (repeat)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+@command("eval", "perplexity on prepared data, accuracy on a labelled task, generations (optionally with an adapter)", _eval_args)
+def _eval(args: argparse.Namespace) -> None:
+    from llmtrain.evaluate import eval_command
+
+    task = None
+    if args.task is not None:
+        from llmtrain.config import DataSection
+
+        words = dict(w.split("=", 1) for w in args.label_word if "=" in w)
+        if len(words) != len(args.label_word):
+            raise UserError("--label-word takes LABEL=WORD, e.g. --label-word positive=' positive'")
+        task = DataSection(path=args.task, format="labelled", template=args.template, label_words=words or None,
+                           text_field=args.text_field, label_field=args.label_field, chat_template=args.chat_template)
+    eval_command(args.model_dir, args.adapter, args.data, args.batches, task, args.limit, args.prompt, args.chat,
+                 args.max_new_tokens, args.temperature, args.seed, args.json)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

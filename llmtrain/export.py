@@ -8,10 +8,17 @@ flat partitions are read once and each tensor is materialised only when its safe
 is written, so memory stays at the model plus one shard. Stage 0 checkpoints hold the full
 module state, memory-mapped. The output (config.json, generation_config.json, safetensors
 shards + index, tokenizer files) is assembled in a temporary directory and renamed.
+
+A LoRA fine-tuning run exports its adapter in PEFT's format instead, and with `--merge` the
+base with the adapter merged in (llmtrain/model/lora.py):
+
+    llmtrain export runs/lora --output exported/adapter
+    llmtrain export runs/lora --output exported/merged --merge
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
@@ -60,7 +67,9 @@ def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, tor
         yield name, tensor.contiguous() if not isinstance(tensor, torch.Tensor) else tensor
 
 
-def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None) -> Path:
+def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None, merge: bool = False) -> Path:
+    """A LoRA run (sft with a `lora:` section) exports its PEFT adapter, or with `merge` the
+    base with the adapter merged (llmtrain/model/lora.py); any other run its full model."""
     from llmtrain.model.config import ModelConfig
     from llmtrain.model.hf import save_hf_checkpoint
 
@@ -70,6 +79,15 @@ def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None) 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not empty; choose a new --output directory")
+    if meta.get("task") == "sft" and (meta.get("config") or {}).get("lora"):
+        from llmtrain.model.lora import export_lora
+
+        run = _run_dir_of(ckpt)
+        pointer = run / "sft-data.json"
+        base = json.loads(pointer.read_text())["base"] if pointer.is_file() else meta["config"]["model"].get("from")
+        return export_lora(ckpt, meta, config, output, merge, run / "tokenizer", base)
+    if merge:
+        raise UserError(f"{ckpt}: --merge needs a LoRA run, and this checkpoint holds a full model; export it without --merge")
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tensors = consolidated_tensors(ckpt, meta["zero_stage"])
