@@ -239,6 +239,12 @@ def job_config(cfg, nodes: Optional[list[Node]]):
     return cfg
 
 
+def job_runtime_env(working_dir: str) -> dict:
+    """The runtime environment of a job: `working_dir` (the resolved config) and this checkout's
+    packages as `py_modules`, which Ray unpacks on every node and puts first on sys.path."""
+    return {"working_dir": working_dir, "py_modules": package_dirs(), "excludes": EXCLUDES}
+
+
 def submission_id(task: str, run_dir: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_dir).name).strip("-") or "run"
     return f"llmtrain-{task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -261,12 +267,11 @@ def submit(config: str, overrides: list[str], address: Optional[str], task: str 
     job_id = submission_id(task, cfg.run.dir)
     with tempfile.TemporaryDirectory(prefix="llmtrain-submit-") as stage:
         write_resolved_config(cfg, stage)
-        runtime_env = {"working_dir": stage, "py_modules": package_dirs(), "excludes": EXCLUDES}
         with ray_errors(url):
             client.submit_job(
                 entrypoint=f"python -m llmtrain.cli {task} {JOB_CONFIG}",
                 submission_id=job_id,
-                runtime_env=runtime_env,
+                runtime_env=job_runtime_env(stage),
                 metadata={"llmtrain_task": task, "run_dir": str(cfg.run.dir)},
             )
     c = cfg.cluster

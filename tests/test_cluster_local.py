@@ -298,6 +298,58 @@ def test_submitted_job_fails_with_our_error_line(cluster, tmp_path):
     assert unknown.stderr.startswith(f"llmtrain: error: no job llmtrain-no-such-job on {JOBS_API}")
 
 
+SHIPPED = r"""
+import json, os, ray, llmtrain
+ray.init(address="auto", logging_level="ERROR")
+
+@ray.remote(num_cpus=1)
+def where():
+    import llmtrain
+    return ray.util.get_node_ip_address(), llmtrain.__file__
+
+ips = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+print(json.dumps({"driver": llmtrain.__file__,
+                  "tasks": ray.get([where.options(resources={f"node:{ip}": 0.01}).remote() for ip in ips])}))
+"""
+
+SUBMIT_SHIPPED = r"""
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+from llmtrain.submit import job_runtime_env
+client = JobSubmissionClient(sys.argv[1])
+job = client.submit_job(entrypoint="python shipped.py", runtime_env=job_runtime_env(sys.argv[2]))
+while not client.get_job_status(job).is_terminal():
+    time.sleep(0.5)
+print(json.dumps({"status": str(client.get_job_status(job)), "logs": client.get_job_logs(job)}))
+"""
+
+
+def test_every_node_imports_the_submitted_llmtrain(cluster, tmp_path):
+    """A job's runtime environment (the one `llmtrain submit` builds) puts the shipped copy of
+    llmtrain first on both nodes, ahead of the cluster's installed one (here the repo's
+    editable install, visible on both nodes)."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "shipped.py").write_text(SHIPPED)
+    (tmp_path / "submit.py").write_text(SUBMIT_SHIPPED)
+    out = in_head("python", str(tmp_path / "submit.py"), JOBS_API, str(stage))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "SUCCEEDED", result["logs"][-3000:]
+    seen = json.loads(result["logs"].strip().splitlines()[-1])
+    shipped = re.compile(
+        rf"^{re.escape(str(STATE))}/(head|worker)/session_[^/]+/runtime_resources/py_modules_files/_ray_pkg_[0-9a-f]+/llmtrain/__init__\.py$"
+    )
+
+    def node_of(path: str) -> str:
+        match = shipped.match(path)
+        assert match, f"llmtrain imported from {path}, not from the job's py_modules"
+        return match.group(1)
+
+    assert node_of(seen["driver"]) == "head"
+    assert {ip: node_of(path) for ip, path in seen["tasks"]} == {HEAD_IP: "head", WORKER_IP: "worker"}
+
+
 def test_submitted_pretraining_runs_one_worker_on_each_node(cluster, tmp_path_factory):
     need_shared()
     sys.path.insert(0, str(Path(__file__).parent))
