@@ -159,12 +159,14 @@ class ClusterSection(Section):
     """None: an embedded local Ray runtime. Else an existing cluster (`ray://host:10001` or `auto`)."""
     num_workers: int = Field(default=2, ge=1)
     use_gpu: Optional[bool] = None
-    """Default: true when CUDA is available on the driver."""
+    """Default: true when the embedded runtime's machine has CUDA, or the cluster has GPUs."""
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=0, ge=-1)
     """Worker-group restarts Ray Train allows (-1 = unlimited); each resumes from the newest checkpoint."""
-    placement: Literal["pack", "spread"] = "pack"
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """How Ray places workers on nodes: pack (fill nodes first), spread (best effort across
+    nodes), strict_* (required; strict_spread = at most one worker per node)."""
 
 
 class KernelsSection(Section):

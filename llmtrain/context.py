@@ -88,6 +88,23 @@ class WorkerContext:
         )
 
 
+    def placement(self) -> list[dict[str, Any]]:
+        """Where every rank runs (rank, node rank, node IP, hostname, pid, device), from all ranks."""
+        me = {"rank": self.rank, "local_rank": self.local_rank, "node_rank": 0, "node_ip": "127.0.0.1",
+              "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
+        if self.in_ray:
+            import ray
+            import ray.train
+
+            me["node_rank"] = ray.train.get_context().get_node_rank()
+            me["node_ip"] = ray.util.get_node_ip_address()
+        everyone: list[Any] = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(everyone, me)
+        else:
+            everyone = [me]
+        return everyone
+
     def restored_checkpoint(self) -> Optional[str]:
         """After Ray Train restarted the worker group: the checkpoint it restores (else None)."""
         if not self.in_ray:

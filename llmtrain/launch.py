@@ -26,8 +26,8 @@ from llmtrain.errors import UserError
 
 log = logging.getLogger("llmtrain")
 
-# Environment every worker gets (Ray Train propagates RAY_TRAIN_* to the controller and workers).
-WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+# Forwarded from the driver to every worker when set (machine-independent settings only).
+FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET")
 
 
 def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[str, Any]:
@@ -37,17 +37,17 @@ def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[s
 
     clock = StartupClock(started)
     cfg = absolutize_paths(cfg)
-    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cuda_available()
-    cfg.cluster.use_gpu = use_gpu
     from llmtrain.preflight import preflight
 
     preflight(cfg, task)
-    run_dir = Path(cfg.run.dir)
-    write_resolved_config(cfg, run_dir)
     clock.mark("driver")
     start_ray(cfg)
     clock.mark("ray_init")
-    trainer = _trainer(cfg, task, use_gpu, clock)
+    if cfg.cluster.use_gpu is None:
+        cfg.cluster.use_gpu = _gpus_available(cfg)
+    run_dir = Path(cfg.run.dir)
+    write_resolved_config(cfg, run_dir)
+    trainer = _trainer(cfg, task, cfg.cluster.use_gpu, clock)
     with ProgressBar(run_dir, cfg.train.max_steps):
         try:
             result = trainer.fit()
@@ -76,7 +76,7 @@ def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,
             resources_per_worker=resources,
-            placement_strategy="SPREAD" if cfg.cluster.placement == "spread" else "PACK",
+            placement_strategy=cfg.cluster.placement.upper(),
         ),
         # The experiment directory is the run directory itself, so checkpoints written there
         # by the workers are registered with Ray Train without a copy (checkpoint.py).
@@ -118,16 +118,16 @@ def start_ray(cfg: JobConfig) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() otherwise waits ~2 s
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    env = {} if cfg.cluster.use_gpu else dict(WORKER_ENV_CPU)
-    for key in ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "PYTHONPATH", "GLOO_SOCKET_IFNAME"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
+    if address is None:  # one machine: gloo on loopback (interface names differ between machines)
+        env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
     runtime_env = {"env_vars": env}
     if address is None:
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         ray.init(
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-            num_gpus=None if cfg.cluster.use_gpu else 0,
+            num_gpus=0 if cfg.cluster.use_gpu is False else None,
             include_dashboard=False,
             runtime_env=runtime_env,
             log_to_driver=True,
@@ -178,10 +178,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _cuda_available() -> bool:
-    import torch
+def _gpus_available(cfg: JobConfig) -> bool:
+    """Default for cluster.use_gpu: the embedded runtime looks at this machine's CUDA, a cluster
+    at its nodes' GPUs (the driver may sit on a CPU-only head)."""
+    if cfg.cluster.address is None:
+        import torch
 
-    return torch.cuda.is_available()
+        return torch.cuda.is_available()
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def find_user_error(err: BaseException) -> Optional[UserError]:

@@ -14,6 +14,7 @@ are therefore the same whatever the split into micro-batches and ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ def run(cfg: JobConfig, task: str, clock: Optional[StartupClock] = None) -> dict
     prepare_deepspeed_runtime(ctx.on_gpu)
     _select_kernels(cfg)
     run_dir = Path(cfg.run.dir)
+    _record_placement(ctx, run_dir)
     clock.mark("process_group")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -221,6 +223,19 @@ def _save(engine, data: TaskData, cfg: JobConfig, ctx: WorkerContext, step: int,
     path = checkpoint.save(engine, Path(cfg.run.dir), step, ctx.rank, ctx.world_size, meta, cfg.checkpoint.keep, ctx.barrier)
     ctx.report(metrics, str(path))
     return path
+
+
+def _record_placement(ctx: WorkerContext, run_dir: Path) -> None:
+    """Log the rank -> node mapping and keep it in RUN_DIR/placement.json."""
+    placement = ctx.placement()
+    if not ctx.is_main:
+        return
+    for p in placement:
+        log.info("rank %d -> node %d (%s, %s) pid %d %s", p["rank"], p["node_rank"], p["node_ip"], p["hostname"], p["pid"], p["device"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "placement.json.tmp"
+    tmp.write_text(json.dumps(placement, indent=1))
+    os.replace(tmp, run_dir / "placement.json")
 
 
 def _select_kernels(cfg: JobConfig) -> None:

@@ -108,3 +108,6 @@ def test_run_artifacts_and_contract(data, tmp_path):
     assert (run / "loss.png").stat().st_size > 1000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.model").is_file()
+    placement = json.loads((run / "placement.json").read_text())
+    assert [p["rank"] for p in placement] == [0, 1]
+    assert {p["node_ip"] for p in placement} == {"127.0.0.1"} and len({p["pid"] for p in placement}) == 2
