@@ -66,6 +66,8 @@ class Report:
     stack: int
     shared: int
     target: int
+    mma: str
+    """Tensor-core instructions in the PTX: "wgmma" (Hopper), "mma" (mma.sync), or "-" (none)."""
 
     @property
     def problems(self) -> list[str]:
@@ -156,15 +158,18 @@ def compile_case(case: Case) -> Report:
 
     compiled = triton.compile(
         _source(case), target=GPUTarget("cuda", case.target, 32),
-        options={"num_warps": case.num_warps, "num_stages": case.num_stages, **case.extra},
+        # fp fusion on, as the JIT's default (set explicitly: Triton 3.9 warns that its default will change)
+        options={"num_warps": case.num_warps, "num_stages": case.num_stages, "enable_fp_fusion": True, **case.extra},
     )
     if "cubin" not in compiled.asm:
         raise RuntimeError(f"{case.label}: Triton produced no cubin")
     ptx = compiled.asm["ptx"]
-    report = _ptxas_report(ptx if isinstance(ptx, str) else ptx.decode(), case.target)
+    ptx = ptx if isinstance(ptx, str) else ptx.decode()
+    report = _ptxas_report(ptx, case.target)
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
     return Report(
         registers=report["registers"], spill_stores=report["spill_stores"], spill_loads=report["spill_loads"],
-        stack=report["stack"], shared=int(compiled.metadata.shared), target=case.target,
+        stack=report["stack"], shared=int(compiled.metadata.shared), target=case.target, mma=mma,
     )
 
 
