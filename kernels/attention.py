@@ -1,8 +1,10 @@
 """Attention: FlashAttention-2-style Triton kernels (forward; backward dQ and dK/dV), its PyTorch
 reference and the autograd wrapper.
 
-Shapes: q [B, Hq, L, D], k/v [B, Hkv, L, D] with Hq % Hkv == 0 (grouped-query attention, any
-integer ratio). Optional `doc_ids` [B, L]: a packed row's documents; attention never crosses a
+Shapes: q [B, Hq, L, D], k/v [B, Hkv, Lk, D] with Hq % Hkv == 0 (grouped-query attention, any
+integer ratio); Lk != L (a KV cache) is allowed without documents, and then `causal` aligns
+query i with key i (top-left, as torch SDPA's is_causal). Optional `doc_ids` [B, L]: a packed
+row's documents; attention never crosses a
 change of id (a document is a maximal run of equal ids, so [0, 0, 1, 1, 0] holds three
 documents), the same information the data pipeline produces as position restarts
 (ids = cumsum(position_ids == 0)).
@@ -68,7 +70,7 @@ if triton is not None:
     def _attn_fwd(
         Q, K, V, O, LSE, RUN, START, END,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
-        L, Hq, qk_scale,
+        L, Lk, Hq, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -87,9 +89,9 @@ if triton is not None:
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
         lo = 0
-        hi = L
+        hi = Lk
         if CAUSAL:
-            hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+            hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
         if HAS_DOCS:
             run_q = tl.load(RUN + b * L + offs_m, mask=m_ok, other=-1)
             lo = tl.load(START + b * L + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -103,7 +105,7 @@ if triton is not None:
         v_base = V + b * s_vb + hk * s_vh
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            n_ok = cols < L
+            n_ok = cols < Lk
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -132,26 +134,25 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_delta(
-        O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, L, Hq,
+        O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, R, L, Hq,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (b, h, l), as DELTA's layout
+        b = r // (Hq * L)
+        h = (r // L) % Hq
+        pos = r % L
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        mask = (offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+        mask = (r < R)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + (b * s_ob + h * s_oh + pos * s_ol)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + (b * s_db + h * s_dh + pos * s_dl)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < R)
 
     @triton.jit
     def _attn_bwd_dkdv(
         Q, K, V, DO, LSE, DELTA, DK, DV, RUN, START, END,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
         s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
-        L, Hq, Hkv, qk_scale, sm_scale,
+        L, Lk, Hq, Hkv, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -163,7 +164,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        n_ok = offs_n < L
+        n_ok = offs_n < Lk
         d_ok = offs_d < HEAD_DIM
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kl + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
@@ -215,7 +216,7 @@ if triton is not None:
     def _attn_bwd_dq(
         Q, K, V, DO, LSE, DELTA, DQ, RUN, START, END,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl, s_dqb, s_dqh, s_dql,
-        L, Hq, qk_scale, sm_scale,
+        L, Lk, Hq, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -238,9 +239,9 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
         lo = 0
-        hi = L
+        hi = Lk
         if CAUSAL:
-            hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+            hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
         if HAS_DOCS:
             run_q = tl.load(RUN + b * L + offs_m, mask=m_ok, other=-1)
             lo = tl.load(START + b * L + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -251,7 +252,7 @@ if triton is not None:
         v_base = V + b * s_vb + hk * s_vh
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            n_ok = cols < L
+            n_ok = cols < Lk
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
             v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
@@ -324,7 +325,7 @@ def _pick(configs: list, named_args: dict) -> list:
     return [c for c in configs if cls in c.classes]
 
 
-_KEY = ["L", "HEAD_DIM", "CAUSAL", "HAS_DOCS", "GROUP"]
+_KEY = ["L", "Lk", "HEAD_DIM", "CAUSAL", "HAS_DOCS", "GROUP"]
 if triton is not None:
     FWD = Launcher(_attn_fwd, _configs(FWD_CONFIGS), _KEY, CPU_BLOCKS, _pick)
     DKDV = Launcher(_attn_bwd_dkdv, _configs(BWD_CONFIGS), _KEY, CPU_BLOCKS, _pick)
@@ -338,10 +339,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _check(q, k, v, doc_ids):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"attention wants q [B,Hq,L,D] and k/v [B,Hkv,L,D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"attention wants q [B,Hq,L,D] and k/v [B,Hkv,Lk,D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Hq, L, D = q.shape
-    if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D or Hq % k.shape[1]:
-        raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need equal B, L, D and Hq % Hkv == 0)")
+    if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
+        raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need equal B, D and Hq % Hkv == 0)")
+    if doc_ids is not None and k.shape[2] != L:
+        raise ValueError(f"attention: doc_ids need keys as long as queries, got L={L}, Lk={k.shape[2]}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention: q/k/v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if D > 256:
@@ -356,7 +359,7 @@ class _Attention(torch.autograd.Function):
         _check(q, k, v, doc_ids)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         B, Hq, L, D = q.shape
-        Hkv = k.shape[1]
+        Hkv, Lk = k.shape[1], k.shape[2]
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         if doc_ids is not None:
             runs = document_runs(doc_ids.to(q.device))
@@ -371,7 +374,7 @@ class _Attention(torch.autograd.Function):
         )
         FWD(lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq), q.device,
             q, k, v, o, lse, *runs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            L, Hq, scale * 1.4426950408889634, **common)
+            L, Lk, Hq, scale * 1.4426950408889634, **common)
         ctx.save_for_backward(q, k, v, o, lse, *(runs if doc_ids is not None else ()))
         ctx.has_docs, ctx.scale, ctx.common = doc_ids is not None, scale, common
         return o
@@ -383,20 +386,22 @@ class _Attention(torch.autograd.Function):
             runs = (q, q, q)
         do = _last_dim_contiguous(do)
         B, Hq, L, D = q.shape
-        Hkv = k.shape[1]
+        Hkv, Lk = k.shape[1], k.shape[2]
         delta = torch.empty_like(lse)
-        DELTA((triton.cdiv(L, 64), B * Hq), q.device, o, do, delta, *o.stride()[:3], *do.stride()[:3], L, Hq,
-              meta=dict(HEAD_DIM=D, HEAD_DIM_PAD=max(16, next_power_of_2(D)), BLOCK_M=64))
+        rows, d_pad = B * Hq * L, max(16, next_power_of_2(D))
+        block = 64 if q.is_cuda else min(next_power_of_2(rows), max(1, 32768 // d_pad))
+        DELTA((triton.cdiv(rows, block),), q.device, o, do, delta, *o.stride()[:3], *do.stride()[:3], rows, L, Hq,
+              meta=dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qk_scale = ctx.scale * 1.4426950408889634
-        DKDV(lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * Hkv), q.device,
+        DKDV(lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), B * Hkv), q.device,
              q, k, v, do, lse, delta, dk, dv, *runs,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-             L, Hq, Hkv, qk_scale, ctx.scale, **ctx.common)
+             L, Lk, Hq, Hkv, qk_scale, ctx.scale, **ctx.common)
         DQ(lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq), q.device,
            q, k, v, do, lse, delta, dq, *runs,
            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-           L, Hq, qk_scale, ctx.scale, **ctx.common)
+           L, Lk, Hq, qk_scale, ctx.scale, **ctx.common)
         return dq, dk, dv, None, None, None
 
 
@@ -421,7 +426,7 @@ def aot_cases():
             q_str = (Hq * L * D, L * D, D)
             kv_str = (Hkv * L * D, L * D, D)
             args = dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
-                        DELTA=torch.float32, RUN=torch.int32, START=torch.int32, END=torch.int32, L=L, Hq=Hq, Hkv=Hkv,
+                        DELTA=torch.float32, RUN=torch.int32, START=torch.int32, END=torch.int32, L=L, Lk=L, R=B * Hq * L, Hq=Hq, Hkv=Hkv,
                         qk_scale=0.125 * 1.4426950408889634, sm_scale=0.125)
             for prefix, strides in dict(q=q_str, k=kv_str, v=kv_str, o=q_str, d=q_str, dq=q_str, dk=kv_str, dv=kv_str).items():
                 args.update(zip((f"s_{prefix}b", f"s_{prefix}h", f"s_{prefix}l"), strides))

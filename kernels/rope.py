@@ -8,8 +8,9 @@ tables whose halves differ are handled exactly as the reference does). The backw
 transposed rotation: dx1 = d1*cos1 + d2*sin2, dx2 = d2*cos2 - d1*sin1. Gradients flow to q and
 k only (cos/sin are position tables, not trained).
 
-One program rotates BLOCK_L positions of one (batch, head) pair, in fp32; q and k are two
-launches of the same kernel. The output dtype is the promotion of q's and cos's, as in the
+One program rotates BLOCK_R rows (a row = one position of one head of one sequence, any
+strides, so the model's transposed q/k views need no copy), in fp32; q and k are two launches
+of the same kernel. The output dtype is the promotion of q's and cos's, as in the
 reference.
 """
 
@@ -39,32 +40,30 @@ if triton is not None:
 
     @triton.jit
     def _rope(
-        X, COS, SIN, OUT, s_xb, s_xh, s_xl, s_ob, s_oh, s_ol, s_cb, s_cl, L, H,
-        HALF: tl.constexpr, HALF_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_L: tl.constexpr,
+        X, COS, SIN, OUT, s_xb, s_xh, s_xl, s_ob, s_oh, s_ol, s_cb, s_cl, R, H, L,
+        HALF: tl.constexpr, HALF_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        pid_l = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        pos = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows (b, h, l) of x
+        b = r // (H * L)
+        h = (r // L) % H
+        pos = r % L
         d = tl.arange(0, HALF_PAD)
-        mask = (pos < L)[:, None] & (d < HALF)[None, :]
-        x_ptr = X + b * s_xb + h * s_xh + pos[:, None] * s_xl + d[None, :]
-        c_ptr = COS + b * s_cb + pos[:, None] * s_cl + d[None, :]
-        s_ptr = SIN + b * s_cb + pos[:, None] * s_cl + d[None, :]
+        mask = (r < R)[:, None] & (d < HALF)[None, :]
+        x_ptr = X + (b * s_xb + h * s_xh + pos * s_xl)[:, None] + d[None, :]
+        c_off = (b * s_cb + pos * s_cl)[:, None] + d[None, :]
         x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        c1 = tl.load(c_ptr, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(c_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(s_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(COS + c_off, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:
             o1 = x1 * c1 + x2 * s2
             o2 = x2 * c2 - x1 * s1
         else:
             o1 = x1 * c1 - x2 * s1
             o2 = x2 * c2 + x1 * s2
-        o_ptr = OUT + b * s_ob + h * s_oh + pos[:, None] * s_ol + d[None, :]
+        o_ptr = OUT + (b * s_ob + h * s_oh + pos * s_ol)[:, None] + d[None, :]
         tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
         tl.store(o_ptr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
@@ -73,7 +72,7 @@ if triton is not None:
 
 def gpu_settings(head_dim: int) -> dict:
     half = next_power_of_2(head_dim // 2)
-    return {"BLOCK_L": max(1, 2048 // half), "num_warps": 4}
+    return {"BLOCK_R": max(1, 2048 // half), "num_warps": 4}
 
 
 def _rotate(x, cos, sin, out_dtype, backward: bool):
@@ -82,10 +81,15 @@ def _rotate(x, cos, sin, out_dtype, backward: bool):
         x = x.contiguous()
     out = torch.empty(B, H, L, D, dtype=out_dtype, device=x.device)
     s_cb = cos.stride(0) if cos.dim() == 3 else 0
-    meta = gpu_settings(D) if x.device.type == "cuda" else {"BLOCK_L": min(next_power_of_2(L), 256)}
-    meta.update(HALF=D // 2, HALF_PAD=next_power_of_2(D // 2), BACKWARD=backward)
-    ROPE(lambda m: (triton.cdiv(L, m["BLOCK_L"]), B * H), x.device,
-         x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], s_cb, cos.stride(-2), L, H, meta=meta)
+    half_pad = next_power_of_2(D // 2)
+    rows = B * H * L
+    if x.device.type == "cuda":
+        meta = gpu_settings(D)
+    else:  # interpreter: tiles of up to 32K elements, few programs
+        meta = {"BLOCK_R": min(next_power_of_2(rows), max(1, 32768 // half_pad))}
+    meta.update(HALF=D // 2, HALF_PAD=half_pad, BACKWARD=backward)
+    ROPE(lambda m: (triton.cdiv(rows, m["BLOCK_R"]),), x.device,
+         x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], s_cb, cos.stride(-2), rows, H, L, meta=meta)
     return out
 
 
@@ -135,7 +139,7 @@ def aot_cases():
                 meta = gpu_settings(D)
                 warps = meta.pop("num_warps")
                 for backward in (False, True):
-                    args = dict(X=dtype, COS=dtype, SIN=dtype, OUT=dtype, s_xb=H * L * D, s_xh=L * D, s_xl=D,
-                                s_ob=H * L * D, s_oh=L * D, s_ol=D, s_cb=L * D, s_cl=D, L=L, H=H)
-                    yield Case("rope_bwd" if backward else "rope_fwd", target, f"{str(dtype)[6:]} d{D} BL{meta['BLOCK_L']} w{warps}",
+                    args = dict(X=dtype, COS=dtype, SIN=dtype, OUT=dtype, s_xb=H * L * D, s_xh=D, s_xl=H * D,
+                                s_ob=H * L * D, s_oh=L * D, s_ol=D, s_cb=L * D, s_cl=D, R=B * H * L, H=H, L=L)
+                    yield Case("rope_bwd" if backward else "rope_fwd", target, f"{str(dtype)[6:]} d{D} BR{meta['BLOCK_R']} w{warps}",
                                ROPE.fn, args, dict(meta, HALF=D // 2, HALF_PAD=D // 2, BACKWARD=backward), warps, 1)

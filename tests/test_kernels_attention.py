@@ -127,6 +127,19 @@ def test_strided_inputs_and_scale():
         torch.testing.assert_close(x, y, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("L,Lk,causal", [(1, 37, False), (5, 70, True), (70, 5, False)])
+def test_keys_longer_or_shorter_than_queries(L, Lk, causal):
+    """A KV cache: one new query against the cached keys (non-causal), and top-left causal
+    alignment (query i sees keys <= i, as torch SDPA's is_causal) when lengths differ."""
+    g = torch.Generator().manual_seed(L + Lk)
+    q, do = torch.randn(2, 4, L, 32, generator=g), torch.randn(2, 4, L, 32, generator=g)
+    k, v = torch.randn(2, 2, Lk, 32, generator=g), torch.randn(2, 2, Lk, 32, generator=g)
+    got = run(A.attention, q, k, v, do, causal=causal)
+    want = run(A.attention_reference, q.double(), k.double(), v.double(), do.double(), causal=causal)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(x.double(), y, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_bad_shapes_are_one_clear_error():
     q = torch.randn(1, 3, 8, 16)
     k = torch.randn(1, 2, 8, 16)
@@ -134,3 +147,5 @@ def test_bad_shapes_are_one_clear_error():
         A.attention(q, k, k)
     with pytest.raises(ValueError, match="doc_ids must be"):
         A.attention(q, q, q, doc_ids=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="doc_ids need keys as long as queries"):
+        A.attention(q, q[:, :, :5], q[:, :, :5], doc_ids=torch.zeros(1, 8, dtype=torch.long))
