@@ -164,6 +164,10 @@ class ClusterSection(Section):
     gpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=0, ge=-1)
     """Worker-group restarts Ray Train allows (-1 = unlimited); each resumes from the newest checkpoint."""
+    resource_timeout_s: float = Field(default=300, gt=0)
+    """How long the workers may wait for their CPUs/GPUs, at start and when restarting after a
+    failure (e.g. a lost node), before the job fails naming what is missing (else Ray Train would
+    wait forever); raise it for autoscaling clusters."""
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
     """How Ray places workers on nodes: pack (fill nodes first), spread (best effort across
     nodes), strict_* (required; strict_spread = at most one worker per node)."""
@@ -197,12 +201,14 @@ class FinetuneSection(Section):
     base_val_path: Optional[Path] = None
     """Pretraining validation data (a prepared dir) for the forgetting report; default: the base run's."""
 
-    @field_validator("freeze_layers")
+    @field_validator("freeze_layers", mode="before")
     @classmethod
-    def _layer_spec(cls, spec: Optional[str]) -> Optional[str]:
+    def _layer_spec(cls, spec: Any) -> Optional[str]:
         import re
 
-        if spec is not None and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", spec):
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            spec = str(spec)  # one block, as YAML reads `freeze_layers: 0`
+        if isinstance(spec, str) and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", spec):
             raise ValueError("expected block indices and ranges like '0-5' or '0,1,4-7'")
         return spec
 
