@@ -137,10 +137,10 @@ if triton is not None:
         O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, R, L, Hq,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (b, h, l), as DELTA's layout
-        b = r // (Hq * L)
-        h = (r // L) % Hq
-        pos = r % L
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (b, h, l), as DELTA's layout; R < 2^31
+        b = (r // (Hq * L)).to(tl.int64)  # 32-bit division (64-bit needs a call and stack), 64-bit addresses
+        h = ((r // L) % Hq).to(tl.int64)
+        pos = (r % L).to(tl.int64)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         mask = (r < R)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(O + (b * s_ob + h * s_oh + pos * s_ol)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -282,7 +282,7 @@ FWD_CONFIGS = {
          (128, 64, 8, 2, "l"), (64, 64, 4, 2, "lf"), (128, 32, 8, 2, "lf")],
     90: [(128, 128, 8, 3, "s"), (128, 64, 4, 3, "s"), (64, 128, 4, 3, "s"),
          (128, 64, 8, 3, "l"), (128, 128, 8, 2, "l"), (64, 64, 4, 3, "l"),
-         (64, 64, 4, 2, "f"), (128, 32, 8, 2, "f"), (64, 32, 4, 3, "f")],
+         (64, 64, 8, 2, "f"), (128, 32, 8, 2, "f"), (64, 32, 4, 3, "f")],
 }
 BWD_CONFIGS = {  # dK/dV holds BLOCK_N keys and walks BLOCK_M queries
     80: [(32, 64, 4, 3, "s"), (64, 64, 8, 2, "sl"), (32, 128, 8, 2, "s"), (32, 64, 4, 2, "l"), (16, 64, 4, 2, "l"),
@@ -347,6 +347,8 @@ def _check(q, k, v, doc_ids):
         raise ValueError(f"attention: doc_ids need keys as long as queries, got L={L}, Lk={k.shape[2]}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention: q/k/v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if B * Hq * L >= 2**31:
+        raise ValueError(f"attention: {B * Hq * L} query rows (batch x heads x length) exceed the kernel's 32-bit row index")
     if D > 256:
         raise ValueError(f"attention: head dim {D} > 256 is not supported by the Triton kernel; use LLMTRAIN_KERNELS=torch")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, L):

@@ -43,10 +43,10 @@ if triton is not None:
         X, COS, SIN, OUT, s_xb, s_xh, s_xl, s_ob, s_oh, s_ol, s_cb, s_cl, R, H, L,
         HALF: tl.constexpr, HALF_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows (b, h, l) of x
-        b = r // (H * L)
-        h = (r // L) % H
-        pos = r % L
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows (b, h, l) of x; R < 2^31
+        b = (r // (H * L)).to(tl.int64)  # 32-bit division (64-bit needs a call and stack), 64-bit addresses
+        h = ((r // L) % H).to(tl.int64)
+        pos = (r % L).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         mask = (r < R)[:, None] & (d < HALF)[None, :]
         x_ptr = X + (b * s_xb + h * s_xh + pos * s_xl)[:, None] + d[None, :]
@@ -83,6 +83,8 @@ def _rotate(x, cos, sin, out_dtype, backward: bool):
     s_cb = cos.stride(0) if cos.dim() == 3 else 0
     half_pad = next_power_of_2(D // 2)
     rows = B * H * L
+    if rows >= 2**31:
+        raise ValueError(f"apply_rope: {rows} rows (batch x heads x length) exceed the kernel's 32-bit row index")
     if x.device.type == "cuda":
         meta = gpu_settings(D)
     else:  # interpreter: tiles of up to 32K elements, few programs
