@@ -273,13 +273,13 @@ def print_throughput(results: dict, args, tokens_per_step: int) -> None:
         "d": "(d) single process PyTorch loop",
         "d-llmtrain-model": "(d') single process, llmtrain's Decoder",
     }
-    print(f"{'run':<58}{'tokens/s':>10}{'s/step':>9}{'threads':>9}{'loss first->last':>20}{'wall s':>9}")
+    print(f"{'run':<58}{'tokens/s':>10}{'s/step':>9}{'threads':>9}{'loss (sanity)':>20}{'wall s':>9}")
     for key, label in labels.items():
         r = results.get(key)
         if r is None:
             continue
         step_s = r.get("step_s_median", r["seconds"] / r["measured_steps"])
-        threads = r.get("torch_threads", "1*" if key == "a" else "-")
+        threads = r.get("torch_threads", "1^" if key == "a" else "-")
         if r.get("first_loss") is not None:
             loss = f"{r['first_loss']:.3f}->{r['last_loss']:.3f}"
         else:
@@ -288,7 +288,7 @@ def print_throughput(results: dict, args, tokens_per_step: int) -> None:
     a = results.get("a")
     if a is None:
         return
-    print("* Ray sets OMP_NUM_THREADS (torch threads) to the worker's CPUs: cluster.cpus_per_worker=1; torchrun sets 1 per process.")
+    print("^ Ray sets OMP_NUM_THREADS (torch threads) to the worker's CPUs: cluster.cpus_per_worker=1; torchrun sets 1 per process.")
     print(f"(a) command: {' '.join(a['command'])}")
     print()
     for key, target, what in (("c", 1.3, "HF Trainer"), ("b", 0.9, "bare DeepSpeed"), ("d", None, "single process")):
