@@ -206,15 +206,17 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--sft-steps", type=int, default=60, help="steps of the SFT and of the LoRA run after pretraining (0: skip)")
+    p.add_argument("--sft-data", metavar="FILE", help="chat or prompt/response records (default: made from the corpus)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override pretraining config keys")
 
 
-@command("quickstart", "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate", _quickstart_args)
+@command("quickstart", "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate -> SFT and LoRA", _quickstart_args)
 def _quickstart(args: argparse.Namespace) -> None:
     from llmtrain.quickstart import quickstart
 
     quickstart(args.output, corpus=args.corpus, steps=args.steps, vocab_size=args.vocab_size, seq_len=args.seq_len,
-               workers=args.workers, overrides=args.overrides)
+               workers=args.workers, overrides=args.overrides, sft_steps=args.sft_steps, sft_data=args.sft_data)
 
 
 # ---------------------------------------------------------------------------------------------

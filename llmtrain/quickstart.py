@@ -5,8 +5,10 @@
 
 tokenizer -> prepare -> pretrain (embedded local Ray, 2 CPU workers, ZeRO-2) -> export to the
 Hugging Face format -> generate, printing where everything is and the validation loss before
-and after pretraining. Each stage reuses its output when it is already complete, so a second
-run goes straight to training (which resumes or finishes at once).
+and after pretraining; then a short full SFT and a short LoRA run from the pretrained model and
+the same chat prompts answered before and after (llmtrain/quickstart_finetune.py). Each stage
+reuses its output when it is already complete, so a second run goes straight to training (which
+resumes or finishes at once).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def quickstart(
     seq_len: int = 256,
     workers: int = 2,
     overrides: list[str] = (),
+    sft_steps: int = 60,
+    sft_data: Optional[str] = None,
 ) -> dict:
     from llmtrain.data.prepare import prepare
     from llmtrain.data.sample_corpus import write_sample_corpus
@@ -91,8 +95,12 @@ def quickstart(
     for prompt, text in samples.items():
         print(f"[quickstart] generate {prompt!r} -> {text!r}")
     stage("generate")
+
+    from llmtrain.quickstart_finetune import finetune
+
+    tuned = finetune(out, run_dir, inputs, workers, sft_steps, sft_data, stage) if sft_steps > 0 else None
     print("[quickstart] seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    return {"summary": summary, "samples": samples, "timings": timings, "model_dir": str(model_dir)}
+    return {"summary": summary, "samples": samples, "timings": timings, "model_dir": str(model_dir), "finetune": tuned}
 
 
 def sample(model_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> dict[str, str]:
