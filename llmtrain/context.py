@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -116,6 +117,9 @@ class WorkerContext:
 
 
 def _in_ray_train_worker() -> bool:
+    ray = sys.modules.get("ray")  # a Ray worker has Ray loaded; elsewhere skip importing ray.train (~2 s)
+    if ray is None or not ray.is_initialized():
+        return False
     try:
         import ray.train
 

@@ -62,19 +62,27 @@ def resolve_precision(cfg: JobConfig, on_gpu: bool) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: bool) -> dict:
-    """The DeepSpeed JSON config generated from ours."""
+def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: bool, hidden_size: Optional[int] = None) -> dict:
+    """The DeepSpeed JSON config generated from ours.
+
+    Communication buckets and ZeRO-3's persistence threshold scale with the model's hidden size
+    (the rule Hugging Face's "auto" DeepSpeed values use): buckets of hidden^2 elements, and only
+    parameters below 10 x hidden elements (norms, biases) kept whole on every rank. Fixed
+    defaults (50M-element buckets, 100k persistence) would keep a small model's attention
+    projections unpartitioned and allocate buckets many times the model's size."""
+    bucket = min(50_000_000, hidden_size**2) if hidden_size else 50_000_000
     zero: dict = {
         "stage": cfg.zero.stage,
         "contiguous_gradients": True,
         "overlap_comm": on_gpu,
-        "reduce_bucket_size": 50_000_000,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
     }
     if cfg.zero.stage == 3:
         zero.update(
             {
-                "stage3_prefetch_bucket_size": 50_000_000,
-                "stage3_param_persistence_threshold": 100_000,
+                "stage3_prefetch_bucket_size": int(0.9 * bucket),
+                "stage3_param_persistence_threshold": 10 * hidden_size if hidden_size else 100_000,
                 "stage3_gather_16bit_weights_on_model_save": False,
             }
         )

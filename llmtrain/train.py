@@ -61,7 +61,7 @@ def run(cfg: JobConfig, task: str, clock: Optional[StartupClock] = None) -> dict
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     data: TaskData = build_task(task, cfg, layout, ctx)
     clock.mark("data")
-    ds_config = deepspeed_config(cfg, layout, precision, ctx.on_gpu)
+    ds_config = deepspeed_config(cfg, layout, precision, ctx.on_gpu, data.model_config.hidden_size)
     model = build_model(data.model_config, cfg, ds_config, init_weights=data.init_weights)
     data.prepare_model(model)
     clock.mark("model")
