@@ -76,7 +76,7 @@ def test_full_sft_from_our_run_freezing_and_forgetting_report(pretrained, tmp_pa
     assert f"{report['params']['trainable']:,} of {report['params']['total']:,}" in table
 
 
-def test_layer_wise_lr_decay_sets_each_groups_lr():
+def test_layer_wise_lr_decay_and_freezing_select_parameters():
     from llmtrain.config import load_config
     from llmtrain.engine import param_groups
     from llmtrain.finetune import select_trainable
@@ -94,6 +94,12 @@ def test_layer_wise_lr_decay_sets_each_groups_lr():
         assert lr_of[id(named[f"model.layers.{i}.mlp.up_proj.weight"])] == 0.5 ** (3 - i)
     assert lr_of[id(named["model.embed_tokens.weight"])] == 0.5 ** 4
     assert param_groups(model, 0.1, lr=1.0)[0].get("lr", 1.0) == 1.0  # the first group reports the peak LR
+    # freezing by name pattern and block range
+    model = Decoder(mc)
+    select_trainable(model, load_config(None, ["finetune.freeze=[model.embed_tokens.*, '*.mlp.*']", "finetune.freeze_layers=0-1"]), mc)
+    for name, p in model.named_parameters():
+        frozen = name.startswith(("model.embed_tokens.", "model.layers.0.", "model.layers.1.")) or ".mlp." in name
+        assert p.requires_grad == (not frozen), name
 
 
 QA = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in [(1, 2), (3, 4), (2, 5), (6, 1), (4, 4), (7, 2)]]

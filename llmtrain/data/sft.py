@@ -191,6 +191,7 @@ def build_cache(data, tokenizer, template: ChatTemplate, seq_len: int, seed: int
     key = cache_key(data, tokenizer, template, seq_len, seed)
     target = Path(root) / key
     if (target / "meta.json").is_file():
+        print(f"llmtrain: sft data: reusing {target} (same data, tokenizer, template and settings)", file=sys.stderr)
         return target
     files = data_files(data.path)
     records = read_records(files)
@@ -211,9 +212,11 @@ def build_cache(data, tokenizer, template: ChatTemplate, seq_len: int, seed: int
         train_order = train_order[: data.max_examples]
     label_words = _label_words(data, fmt, records, train_order)
 
-    where = lambda i, fs=files: f"{fs[0] if len(fs) == 1 else data.path}: record {i + 1}"  # noqa: E731
-    val_files = data_files(data.val_path, "data.val_path") if data.val_path is not None else files
-    vwhere = lambda i: where(i, val_files)  # noqa: E731
+    def named(fs: list[Path], path: Path):
+        return lambda i: f"{fs[0] if len(fs) == 1 else path}: record {i + 1}"
+
+    where = named(files, data.path)
+    vwhere = named(data_files(data.val_path, "data.val_path"), data.val_path) if data.val_path is not None else where
     with atomic_dir(target, replace=True) as tmp:
         counts = {"format": fmt, "template": template.name, "seq_len": seq_len}
         train = _encode_split(records, train_order, fmt, data, tokenizer, template, seq_len, label_words, where, "train")
