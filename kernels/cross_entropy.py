@@ -190,9 +190,11 @@ def chunk_loss_torch(logits, labels, scale, ignore_index: int):
     lse = torch.logsumexp(x, dim=-1)
     loss = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0)
     if scale is not None:
-        p = x.sub_(lse[:, None]).exp_()
+        p = x.sub_(lse[:, None]).exp_()  # in place: x is the chunk's logits when they are fp32
         p[torch.arange(len(labels), device=labels.device), safe] -= valid.to(p.dtype)
-        logits.copy_(p.mul_(scale[:, None]))
+        p.mul_(scale[:, None])
+        if p is not logits:
+            logits.copy_(p)
     return loss
 
 

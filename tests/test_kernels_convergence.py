@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from llmtrain.model.config import ModelConfig  # noqa: E402
 from llmtrain.model.decoder import Decoder  # noqa: E402
 
-VOCAB, SEQ, BATCH, STEPS = 256, 64, 4, 30
+VOCAB, SEQ, BATCH, STEPS = 256, 64, 2, 30
 CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=SEQ)
 
