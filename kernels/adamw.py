@@ -131,8 +131,36 @@ def fused_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: i
           -(lr / bias_correction1), bias_correction2 ** 0.5, meta=meta)
 
 
+def torch_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: int, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """The same update with torch.optim.AdamW's single-tensor operations (its CPU path), for
+    parameters on the CPU when the Triton backend is not forced (e.g. ZeRO-Offload partitions)."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        target = masters[i] if masters is not None else p
+        g = g.float() if grad_scale is None else g.float() * grad_scale
+        target.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        target.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-(lr / bias_correction1))
+        if masters is not None:
+            p.copy_(target)
+
+
+def _kernel_for(device: torch.device) -> bool:
+    """The Triton kernel for CUDA tensors; for CPU tensors only when the `triton` backend is forced
+    (it then runs under the interpreter, for tests)."""
+    from kernels import dispatch
+
+    return device.type == "cuda" or dispatch._backend == "triton"
+
+
 class FusedAdamW(torch.optim.Optimizer):
     """AdamW with the Triton multi-tensor kernel; equals torch.optim.AdamW in fp32.
+
+    CPU parameters (ZeRO-Offload hands the optimizer CPU partitions) take torch's operations
+    instead unless the `triton` backend is forced: the interpreter is far too slow to train with.
 
     Low-precision (bf16/fp16) parameters get an fp32 master copy in their state. `max_grad_norm`
     (> 0) clips by the global L2 norm of all gradients; `step(grad_scale=s)` multiplies the
@@ -194,7 +222,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 if device not in scales:
                     scales[device] = self._grad_scale(grad_scale, device)
                 states = [self.state[p] for p in ps]
-                fused_adamw_update(
+                update = fused_adamw_update if _kernel_for(device) else torch_adamw_update
+                update(
                     ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [s["master"] for s in states] if "master" in states[0] else None,
                     step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -25,6 +25,17 @@ AD = importlib.import_module("kernels.adamw")
 SHAPES = [(17,), (64, 33), (5, 7, 3), (1,), (70001,)]  # 70001 spans two CPU blocks of 65536
 
 
+@pytest.fixture(autouse=True)
+def force_triton():
+    """CPU parameters take the kernel (interpreted) only when the triton backend is forced."""
+    import kernels
+
+    before = kernels.dispatch._backend
+    kernels.set_backend("triton")
+    yield
+    kernels.dispatch._backend = before
+
+
 def make_params(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
@@ -124,6 +135,29 @@ def test_state_dict_resume_continues_identically():
         assert torch.equal(p, q)
 
 
+def test_cpu_parameters_take_torch_operations_unless_triton_is_forced(monkeypatch):
+    """ZeRO-Offload gives the optimizer CPU partitions: under `auto` they are updated with torch's
+    own operations (bit-identical to torch.optim.AdamW), not the interpreter."""
+    import kernels
+
+    kernels.set_backend("auto")
+    monkeypatch.setattr(AD, "fused_adamw_update", lambda *a, **k: pytest.fail("the kernel ran on CPU under auto"))
+    for dtype in (torch.float32, torch.bfloat16):
+        fused = make_params(dtype)
+        ref = [p.detach().float().requires_grad_() for p in fused]
+        opt = AD.FusedAdamW(groups(fused), lr=1e-2, weight_decay=0.1)
+        want = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.1)
+        for step in range(5):
+            for p, q, g in zip(fused, ref, grads(step, dtype)):
+                p.grad, q.grad = g, g.float()
+            opt.step()
+            want.step()
+        for p, q in zip(fused, ref):
+            master = opt.state[p].get("master", p)
+            assert torch.equal(master, q.detach())
+            assert torch.equal(p, q.detach().to(dtype))
+
+
 def test_dispatch_factory():
     import kernels
 
@@ -156,6 +190,9 @@ def _zero_worker(out: str, store: str) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a ~60 s JIT build
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)  # no port to race for
+    launches = []
+    kernel = AD.fused_adamw_update
+    AD.fused_adamw_update = lambda *a, **k: launches.append(1) or kernel(*a, **k)
     result = {}
     for stage in (2, 3):
         ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -179,6 +216,7 @@ def _zero_worker(out: str, store: str) -> None:
             with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
                 result[f"{stage}-{name}"] = [p.detach().clone().tolist() for p in model.parameters()]
             result[f"{stage}-{name}-loss"] = loss.item()
+    result["kernel_launches"] = len(launches)
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -192,12 +230,14 @@ def test_deepspeed_zero_client_optimizer_equals_torch_adamw(tmp_path):
     here = Path(__file__).resolve()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   LLMTRAIN_KERNELS="triton")  # the kernel itself (interpreted) on the CPU partitions
         code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._zero_worker({str(out)!r}, {str(store)!r})"
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in logs)
     result = json.loads(out.read_text())
+    assert result["kernel_launches"] >= 2 * 8  # the Triton kernel stepped the partitions (8 steps, 2 stages)
     torch.manual_seed(0)
     init = torch.nn.Linear(24, 40).weight
     for stage in (2, 3):
