@@ -5,9 +5,10 @@ Every kernel module defines its kernels with `@triton.jit` and launches them thr
 Hopper) and one CPU config. On a CUDA tensor the kernel is compiled and autotuned over the
 configs of the device's target; on a CPU tensor it runs under Triton's interpreter with the
 CPU config (large blocks: the interpreter's cost grows with the number of program instances).
-So forcing the `triton` backend on a CPU machine needs no `TRITON_INTERPRET=1` and changes no
-process-wide state; with `TRITON_INTERPRET=1` set before import the kernels are interpreted
-everywhere, which also works.
+So forcing the `triton` backend on a CPU machine needs no `TRITON_INTERPRET=1` and leaves other
+code untouched (the only patch, making Triton's own library jit functions callable from the
+interpreted kernel, lasts for one launch); with `TRITON_INTERPRET=1` set before triton's import
+the kernels are interpreted everywhere, which also works.
 
 bf16 under the interpreter: loads and stores of bf16 are exact, but bf16 arithmetic and bf16
 `tl.dot` give wrong results and fp32->bf16 conversion truncates instead of rounding to nearest
@@ -31,11 +32,6 @@ try:
 except ImportError:  # pragma: no cover - triton ships for Linux only
     triton = None
     tl = None
-
-TARGETS = (80, 90)
-"""GPU targets with their own autotune configs: 80 = Ampere-class (also used for sm_86/89),
-90 = Hopper and newer."""
-
 
 def require_triton() -> None:
     if triton is None:
@@ -74,6 +70,7 @@ def _library_calls_interpreted():
 
 
 def target_of(device: torch.device) -> int:
+    """Whose autotune configs a device uses: 80 (Ampere-class, also sm_86/89) or 90 (Hopper and newer)."""
     major, _ = torch.cuda.get_device_capability(device)
     return 90 if major >= 9 else 80
 
