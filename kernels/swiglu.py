@@ -29,7 +29,8 @@ if triton is not None:
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = 1.0 / (1.0 + tl.exp(-g))
+        e = tl.exp(-tl.abs(g))  # sigmoid without overflow for large |g|
+        sig = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         silu = g * sig
         if BACKWARD:
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
