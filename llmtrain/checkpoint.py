@@ -185,10 +185,13 @@ def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], world_s
 
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
     """Restore DeepSpeed state and this rank's RNG from checkpoint `path`; returns its meta."""
+    from llmtrain.safe_load import weights_only_loads
+
     meta = read_meta(path)
-    load_path, _ = engine.load_checkpoint(
-        str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
-    )
+    with weights_only_loads(path):  # DeepSpeed's own reads say weights_only=False
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
+        )
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {DS_TAG}/; the checkpoint is damaged, pick an earlier one")
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"

@@ -53,15 +53,19 @@ def pick_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
 
 def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 tensor) for every saved model tensor, one at a time."""
+    from llmtrain.safe_load import weights_only_loads
+
     ds_dir = ckpt / checkpoint.DS_TAG
     if zero_stage == 0:
-        state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
+        with weights_only_loads(ckpt):
+            state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
         for name, tensor in state["module"].items():
             yield name, tensor.float()
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.DS_TAG, lazy_mode=True)
+    with weights_only_loads(ckpt):  # zero_to_fp32 reads every file with weights_only=False
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.DS_TAG, lazy_mode=True)
     for name in list(lazy):
         tensor = lazy.pop(name)
         yield name, tensor.contiguous() if not isinstance(tensor, torch.Tensor) else tensor
