@@ -47,12 +47,17 @@ def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[s
         cfg.cluster.use_gpu = _gpus_available(cfg)
     run_dir = Path(cfg.run.dir)
     write_resolved_config(cfg, run_dir)
+    from llmtrain.failures import forget_previous_run
+
+    forget_previous_run(run_dir)  # a resubmitted job resumes by train.resume, not by Ray's stale snapshot
     trainer = _trainer(cfg, task, cfg.cluster.use_gpu, clock)
     with ProgressBar(run_dir, cfg.train.max_steps):
         try:
             result = trainer.fit()
         except Exception as err:  # Ray wraps worker exceptions; surface a user mistake as one line
-            user = find_user_error(err)
+            from llmtrain.failures import explain
+
+            user = find_user_error(err) or explain(err, cfg)
             if user is not None:
                 raise user from None
             raise
@@ -63,6 +68,7 @@ def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from llmtrain.failures import failure_settings
     from llmtrain.train import train_worker
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
@@ -83,7 +89,7 @@ def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
         run_config=RunConfig(
             storage_path=str(run_dir.parent),
             name=run_dir.name,
-            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            failure_config=FailureConfig(**failure_settings(cfg)),  # bounded wait for resources
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
