@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,6 +65,7 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, meta: dic
     barrier()
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _test_hook_pause(step)
     barrier()
     if rank == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -76,6 +78,17 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, meta: dic
         _prune(root, keep)
     barrier()
     return final
+
+
+def _test_hook_pause(step: int) -> None:
+    """Test hook, off unless LLMTRAIN_TEST_SAVE_PAUSE=STEP:SECONDS[,STEP:SECONDS...] is set:
+    every rank waits SECONDS after writing its files of checkpoint STEP, before it is made
+    complete, so the fault-injection tests (tests/test_multinode.py,
+    benchmarks/fault_injection.py) can kill a worker in the middle of a checkpoint write."""
+    for item in os.environ.get("LLMTRAIN_TEST_SAVE_PAUSE", "").split(","):
+        step_s, _, seconds = item.partition(":")
+        if step_s.strip() == str(step):
+            time.sleep(float(seconds or 0))
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -27,7 +27,7 @@ from llmtrain.errors import UserError
 log = logging.getLogger("llmtrain")
 
 # Forwarded from the driver to every worker when set (machine-independent settings only).
-FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET")
+FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "LLMTRAIN_TEST_SAVE_PAUSE")  # the last: a test hook (checkpoint.py)
 
 
 def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import socket
 import sys
 import tempfile
@@ -245,6 +246,17 @@ def job_runtime_env(working_dir: str) -> dict:
     return {"working_dir": working_dir, "py_modules": package_dirs(), "excludes": EXCLUDES}
 
 
+def job_entrypoint(task: str) -> str:
+    """`python -m llmtrain.cli TASK config.yaml`, preceded by the settings a local run forwards
+    to its workers (launch.FORWARDED_ENV) when they are set here. They go on the command line,
+    not in the job's env_vars: the driver forwards them to its workers through ray.init's
+    runtime_env, and Ray refuses a job whose env_vars and the driver's name the same variable."""
+    from llmtrain.launch import FORWARDED_ENV
+
+    settings = [f"{key}={shlex.quote(os.environ[key])}" for key in FORWARDED_ENV if key in os.environ]
+    return " ".join([*settings, f"python -m llmtrain.cli {task} {JOB_CONFIG}"])
+
+
 def submission_id(task: str, run_dir: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_dir).name).strip("-") or "run"
     return f"llmtrain-{task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -269,7 +281,7 @@ def submit(config: str, overrides: list[str], address: Optional[str], task: str 
         write_resolved_config(cfg, stage)
         with ray_errors(url):
             client.submit_job(
-                entrypoint=f"python -m llmtrain.cli {task} {JOB_CONFIG}",
+                entrypoint=job_entrypoint(task),
                 submission_id=job_id,
                 runtime_env=job_runtime_env(stage),
                 metadata={"llmtrain_task": task, "run_dir": str(cfg.run.dir)},
@@ -319,7 +331,9 @@ def _final_status(client, url: str, job_id: str, wait_s: float = 30.0) -> int:
         print(f"job {job_id} SUCCEEDED", file=sys.stderr)
         return 0
     reason = _failure_line(client.get_job_logs(job_id)) or " ".join((info.message or "").split())
-    print(f"llmtrain: job {job_id} {info.status}: {_first_sentence(reason)}", file=sys.stderr)
+    if not reason.startswith("llmtrain: error:"):  # ours is one line already, with the fix at its end
+        reason = _first_sentence(reason)
+    print(f"llmtrain: job {job_id} {info.status}: {reason}", file=sys.stderr)
     return 1
 
 

@@ -197,3 +197,17 @@ def test_failure_line_prefers_our_error():
     assert _failure_line(logs) == "llmtrain: error: data.path: not found; fix it"
     assert _failure_line("Traceback ...\nValueError: boom\n\n") == "ValueError: boom"
     assert _failure_line("") == ""
+
+
+def test_job_entrypoint_carries_the_forwarded_settings(monkeypatch):
+    from llmtrain.submit import job_entrypoint
+
+    for key in ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "LLMTRAIN_TEST_SAVE_PAUSE"):
+        monkeypatch.delenv(key, raising=False)
+    assert job_entrypoint("pretrain") == "python -m llmtrain.cli pretrain config.yaml"
+    monkeypatch.setenv("LLMTRAIN_KERNELS", "torch")
+    monkeypatch.setenv("LLMTRAIN_TEST_SAVE_PAUSE", "8:3,10:60 x")
+    # On the command line, not in the job's env_vars: Ray refuses a job whose env_vars and the
+    # driver's ray.init(runtime_env) name the same variable.
+    assert job_entrypoint("sft") == "LLMTRAIN_KERNELS=torch LLMTRAIN_TEST_SAVE_PAUSE='8:3,10:60 x' python -m llmtrain.cli sft config.yaml"
+    assert "env_vars" not in __import__("llmtrain.submit", fromlist=["x"]).job_runtime_env("/tmp")
