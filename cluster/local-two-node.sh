@@ -9,6 +9,13 @@
 #         --address http://10.231.7.1:8265 --follow
 #   cluster/local-two-node.sh down      # stop everything `up` started (safe to repeat)
 #
+# Node failures, for fault-injection tests (only the worker node: the head holds the GCS):
+#   cluster/local-two-node.sh kill worker [--partition]   # SIGKILL every process of that node
+#   cluster/local-two-node.sh start worker                # start Ray there again, wait until it joins
+# `kill` is a crash: the kernel closes the node's connections, so peers see resets at once.
+# With --partition the node's link goes down first, so peers see silence instead (a power cut
+# or a network partition) and must notice through timeouts; `start` brings the link back.
+#
 # Layout (defaults; override with the environment variables below):
 #   namespace llmt-head    10.231.7.1/24  Ray head: GCS :6379, dashboard + Jobs API :8265,
 #                                          Ray Client :10001
@@ -254,6 +261,60 @@ cmd_up() {
     cmd_status
 }
 
+node_arg() {  # the node named by kill/start: only the worker node can fail and come back
+    local cmd="$1" node="${2:-}"
+    [[ "$node" == worker ]] && return 0
+    [[ "$node" == head ]] && die "$cmd head: only the worker node can be killed and restarted (the head holds the GCS); use down/up"
+    die "usage: $0 $cmd worker"
+}
+
+cmd_kill() {
+    check_prereqs
+    node_arg kill "${1:-}"
+    local partition=0
+    [[ "${2:-}" == "--partition" ]] && partition=1
+    [[ -n "${2:-}" && "$partition" == 0 ]] && die "kill worker: unknown option '${2}'; use --partition or nothing"
+    ns_exists "$NS_WORKER" || die "the cluster is down; run '$0 up' first"
+    if ((partition)); then
+        ip -n "$NS_WORKER" link set "$LINK" down
+    fi
+    local pids
+    pids="$(ip netns pids "$NS_WORKER" || true)"
+    # shellcheck disable=SC2086
+    [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        [[ -z "$(ip netns pids "$NS_WORKER" || true)" ]] && break
+        sleep 0.1
+    done
+    [[ -z "$(ip netns pids "$NS_WORKER" || true)" ]] || die "processes still in $NS_WORKER after SIGKILL"
+    say "killed the worker node ($WORKER_IP)$( ((partition)) && echo ', link down')"
+}
+
+cmd_start() {
+    check_prereqs
+    node_arg start "${1:-}"
+    ns_exists "$NS_WORKER" && [[ -f "$STATE/auth_token" ]] || die "the cluster is down; run '$0 up' first"
+    [[ -z "$(ip netns pids "$NS_WORKER" || true)" ]] || die "the worker node is running; kill it first ('$0 kill worker')"
+    ip -n "$NS_WORKER" link set "$LINK" up
+    # The head may not have noticed the old node's death yet: wait for a node id not seen before.
+    local before deadline=$((SECONDS + JOIN_TIMEOUT_S))
+    before="$(worker_node_ids)"
+    start_node worker
+    while ((SECONDS < deadline)); do
+        if worker_node_ids | grep -qvxF -e "${before:-none}"; then
+            say "worker node ($WORKER_IP) joined again"
+            return 0
+        fi
+        sleep 1
+    done
+    die "the worker node did not join within ${JOIN_TIMEOUT_S} s (log: $STATE/worker.start.log)"
+}
+
+worker_node_ids() {  # node ids of ALIVE nodes at the worker address
+    in_ns head "$PYTHON" -c "$list_nodes_py" "http://$HEAD_IP:$DASHBOARD_PORT" 2>/dev/null \
+        | awk -v ip="$WORKER_IP" '$2 == ip && $3 == "ALIVE" {sub("node_id=", "", $6); print $6}' || true
+}
+
 cmd_status() {
     check_prereqs
     if ! ns_exists "$NS_HEAD"; then
@@ -277,7 +338,9 @@ cmd_exec() {
     [[ "${1:-}" == "--" ]] && shift
     [[ $# -gt 0 ]] || die "usage: $0 exec head|worker -- COMMAND [ARGS...]"
     ns_exists "$(ns_of "$node")" || die "the cluster is down; run '$0 up' first"
-    in_ns "$node" "$@"
+    # RAY_ADDRESS: a driver started here (ray.init(), cluster.address=auto) joins this cluster,
+    # not whichever Ray /tmp/ray/ray_current_cluster or a process scan finds first.
+    in_ns "$node" env RAY_ADDRESS="$HEAD_IP:$GCS_PORT" "$@"
 }
 
 main() {
@@ -288,6 +351,8 @@ main() {
         down) cmd_down ;;
         status) cmd_status ;;
         exec) cmd_exec "$@" ;;
+        kill) cmd_kill "$@" ;;
+        start) cmd_start "$@" ;;
         -h|--help|help) usage 0 ;;
         *) usage 2 ;;
     esac
