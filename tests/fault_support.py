@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from runtime_support import subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = REPO / "configs" / "tiny-pretrain.yaml"
 LORA_CONFIG = REPO / "configs" / "tiny-lora.yaml"
@@ -53,8 +55,7 @@ LORA = [
 
 
 def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out.setdefault("DS_ACCELERATOR", "cpu")
+    out = subprocess_env()
     out.setdefault("TOKENIZERS_PARALLELISM", "false")
     return out
 

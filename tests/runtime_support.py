@@ -91,7 +91,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in read_metrics(run_dir) if "loss" in e}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child job, without any process-group rendezvous settings
+    an in-process test left behind (a child must pick its own free port)."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.setdefault("DS_ACCELERATOR", "cpu")
+    env.update(extra)
     return env
+
+
+def _env() -> dict[str, str]:
+    return subprocess_env()

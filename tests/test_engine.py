@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -23,9 +24,13 @@ VOCAB, SEQ = 97, 16
 
 @pytest.fixture(scope="module")
 def ctx():
+    before = dict(os.environ)
     ctx = WorkerContext.start(use_gpu=False)
     prepare_deepspeed_runtime(on_gpu=False)
-    return ctx
+    yield ctx
+    torch.distributed.destroy_process_group()
+    os.environ.clear()  # the process group's MASTER_PORT etc. must not leak into later tests' subprocesses
+    os.environ.update(before)
 
 
 def small_model(seed=0) -> Decoder:

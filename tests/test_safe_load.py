@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import need_shared
-from runtime_support import tiny_data
+from runtime_support import subprocess_env, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-pretrain.yaml"
@@ -40,7 +40,7 @@ class Payload:
 
 
 def _train(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "llmtrain.train", str(CONFIG), *SMALL, *overrides],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
