@@ -62,6 +62,9 @@ def resolve_precision(cfg: JobConfig, on_gpu: bool) -> str:
     return "fp32"
 
 
+MIN_BUCKET = 5_000_000  # elements (20 MB in fp32); PyTorch DDP's buckets are 25 MB
+
+
 def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: bool, hidden_size: Optional[int] = None) -> dict:
     """The DeepSpeed JSON config generated from ours.
 
@@ -69,8 +72,10 @@ def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: boo
     (the rule Hugging Face's "auto" DeepSpeed values use): buckets of hidden^2 elements, and only
     parameters below 10 x hidden elements (norms, biases) kept whole on every rank. Fixed
     defaults (50M-element buckets, 100k persistence) would keep a small model's attention
-    projections unpartitioned and allocate buckets many times the model's size."""
-    bucket = min(50_000_000, hidden_size**2) if hidden_size else 50_000_000
+    projections unpartitioned and allocate buckets many times the model's size. Buckets never
+    go below MIN_BUCKET elements: each bucket is one collective, and hidden^2 of a small model
+    (65k at hidden 256) meant ~80 all-reduces per step, each a point where both ranks wait."""
+    bucket = min(50_000_000, max(MIN_BUCKET, hidden_size**2)) if hidden_size else 50_000_000
     zero: dict = {
         "stage": cfg.zero.stage,
         "contiguous_gradients": True,
