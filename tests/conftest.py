@@ -16,6 +16,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def backend():
+    """kernels.set_backend, with the dispatch backend restored after the test."""
+    import kernels
+
+    before = kernels.dispatch._backend
+    yield kernels.set_backend
+    kernels.dispatch._backend = before
+
+
 def need_shared() -> None:
     if not SHARED.is_dir():
         pytest.skip(f"../shared not found at {SHARED} (CI always has it; set LLMTRAIN_SHARED)")

@@ -29,13 +29,6 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidde
               num_key_value_heads=2, max_position_embeddings=SEQ)
 
 
-@pytest.fixture
-def backend():
-    before = kernels.dispatch._backend
-    yield kernels.set_backend
-    kernels.dispatch._backend = before
-
-
 def batches():
     g = torch.Generator().manual_seed(0)
     table = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=g), dim=-1)  # a peaked bigram model

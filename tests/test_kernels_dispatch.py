@@ -20,13 +20,6 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def backend():
-    before = kernels.dispatch._backend
-    yield kernels.set_backend
-    kernels.dispatch._backend = before
-
-
 def small_inputs():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 4, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)

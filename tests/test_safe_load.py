@@ -58,6 +58,14 @@ def _tamper(ckpt: Path, relative: str, marker: Path) -> Path:
     return path
 
 
+def _tampered_copy(checkpoint_dir: Path, tmp_path: Path, relative: str) -> tuple[Path, Path, Path]:
+    """(copy of the checkpoint, its tampered file, the marker the payload would create)."""
+    ckpt = tmp_path / "step_00000001"
+    shutil.copytree(checkpoint_dir, ckpt)
+    marker = tmp_path / "payload-ran"
+    return ckpt, _tamper(ckpt, relative, marker), marker
+
+
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory) -> Path:
     need_shared()
@@ -72,12 +80,9 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_tampered_checkpoint_is_refused_on_resume(checkpoint_dir, tmp_path):
-    ckpt = tmp_path / "step_00000001"
-    shutil.copytree(checkpoint_dir, ckpt)
-    marker = tmp_path / "payload-ran"
     # The ZeRO optimizer file: it also holds DeepSpeed's allowed state classes (LossScaler, ...),
     # so the refusal is about the payload, not about DeepSpeed's own content.
-    bad = _tamper(ckpt, "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    ckpt, bad, marker = _tampered_copy(checkpoint_dir, tmp_path, "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt")
     data = json.loads((ckpt / "meta.json").read_text())["config"]["data"]["path"]
     out = _train(f"data.path={data}", f"run.dir={tmp_path / 'resumed'}", "train.max_steps=2", f"train.resume={ckpt}")
     assert out.returncode == 2, out.stderr[-3000:]
@@ -95,10 +100,7 @@ def test_tampered_checkpoint_is_refused_on_export_and_an_intact_one_exports(chec
     from llmtrain.errors import UserError
     from llmtrain.export import export
 
-    ckpt = tmp_path / "step_00000001"
-    shutil.copytree(checkpoint_dir, ckpt)
-    marker = tmp_path / "payload-ran"
-    bad = _tamper(ckpt, "ds/mp_rank_00_model_states.pt", marker)
+    ckpt, bad, marker = _tampered_copy(checkpoint_dir, tmp_path, "ds/mp_rank_00_model_states.pt")
     with pytest.raises(UserError) as err:
         export(ckpt, tmp_path / "out")
     assert str(err.value).startswith(f"refused to load checkpoint {ckpt}: {bad} asks to import builtins.exec;")

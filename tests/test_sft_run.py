@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import need_shared
-from runtime_support import BASE, REPO, _env, tiny_data, torchrun
+from runtime_support import BASE, REPO, subprocess_env, tiny_data, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def sft(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.Comp
     """`torchrun -m llmtrain.train --task sft configs/tiny-sft.yaml ...`; rank 0 prepares the data."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "llmtrain.train",
            "--task", "sft", str(SFT), *BASE, f"cluster.num_workers={nproc}", *overrides]
-    env = {**_env(), "OMP_NUM_THREADS": "1"}  # as torchrun sets for several processes; tiny models gain nothing from more
+    env = subprocess_env(OMP_NUM_THREADS="1")  # as torchrun sets for several processes; tiny models gain nothing from more
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, f"sft failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
