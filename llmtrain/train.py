@@ -28,7 +28,7 @@ import torch
 
 from llmtrain import checkpoint
 from llmtrain.config import JobConfig
-from llmtrain.context import WorkerContext
+from llmtrain.context import WorkerContext, exit_process
 from llmtrain.engine import batch_layout, build_model, deepspeed_config, initialize, prepare_deepspeed_runtime, resolve_precision
 from llmtrain.errors import UserError
 from llmtrain.metrics import MetricsWriter, StartupClock, memory_gb, peak_flops
@@ -272,4 +272,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

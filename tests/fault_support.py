@@ -66,9 +66,11 @@ def env() -> dict[str, str]:
 _MULTI_JOB = """
 import json, sys
 from llmtrain.config import load_config
+from llmtrain.context import exit_process
 from llmtrain.train import run
 for task, config, overrides in json.loads(sys.argv[1]):
     run(load_config(config, overrides), task)
+exit_process(0)
 """
 
 

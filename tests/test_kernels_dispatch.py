@@ -35,7 +35,6 @@ def routed():
     x = torch.randn(2, 9, 16, requires_grad=True)
     cos, sin = torch.randn(9, 16), torch.randn(9, 16)
     labels = torch.randint(0, 16, (2, 9))
-    w = torch.randn(16, 16, requires_grad=True)
     return grad_fns([
         kernels.attention(q, k, v, doc_ids=torch.zeros(1, 9, dtype=torch.long)),
         kernels.rms_norm(x, torch.ones(16), 1e-5),

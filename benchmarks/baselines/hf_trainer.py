@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import torch
 import torch.distributed as dist
 
 from baseline_common import StepClock, TokenRows, avoid_deepspeed_jit, build_model, parse_args, write_result, zero_config
