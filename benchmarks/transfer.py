@@ -1,7 +1,8 @@
 """Transfer benchmark: does pretraining pay off in fine-tuning, and does LoRA keep the gain?
 
-    .venv/bin/python benchmarks/transfer.py                                # tiny preset, cached pretraining
-    .venv/bin/python benchmarks/transfer.py --pretrain-steps 3000 --ft-steps 150 --out runs/transfer
+    .venv/bin/python benchmarks/transfer.py                    # tiny preset, 7M tokens (~28 min here), cached
+    .venv/bin/python benchmarks/transfer.py --pretrain-steps 1000 --seeds 1 --out runs/transfer
+    .venv/bin/python benchmarks/sentiment_probe.py MODEL_DIR   # what the pretrained features know (linear probe)
 
 1. Pretrain `--preset` on ../shared/data/corpus (our tokenizer, prepared shards, `llmtrain
    pretrain` on the embedded Ray runtime with `--workers` CPU workers). Cached: tokenizer, data
@@ -14,6 +15,9 @@
    Prompt "Review: <text>\\nSentiment:", answers " positive"/" negative" + EOS (completion template).
 3. Accuracy on sentiment_test.jsonl (1,000), scoring each label word's log-probability (the
    run's own report, before and after). LoRA's share = (LoRA - scratch) / (full - scratch).
+With `--seeds N` every arm runs N times (run.seed 0..N-1: initialisation, data order, dropout);
+accuracies are means, with the range over seeds beside them (one seed is not evidence here: the
+scratch arm alone moves by several points between seeds).
 Expectations: pretrained+FT >= scratch+FT + 10 points; LoRA share >= 90% with a small fraction
 of the parameters trained. The table and a PASS/FAIL line per expectation are printed; the
 numbers go to OUT/transfer.json.
@@ -50,7 +54,8 @@ def pretrain(args, out: Path) -> tuple[Path, Path, float]:
     if latest is None or read_meta(latest)["step"] < args.pretrain_steps:
         if not (tok / "tokenizer.model").is_file():
             train_tokenizer(corpus, args.vocab, str(tok))
-        prepare(corpus, tokenizer=str(tok), seq_len=args.seq_len, output=str(data), val_fraction=0.01)
+        # our own cache: rebuild it when the corpus files were touched since (prepare refuses otherwise)
+        prepare(corpus, tokenizer=str(tok), seq_len=args.seq_len, output=str(data), val_fraction=0.01, force=True)
         cfg = load_config(REPO / "configs" / "tiny-pretrain.yaml", [
             f"run.dir={run}", f"data.path={data}", f"model.preset={args.preset}", f"train.max_steps={args.pretrain_steps}",
             f"train.global_batch_size={args.batch}", "train.micro_batch_size=4", f"train.lr={args.pretrain_lr}",
@@ -90,6 +95,14 @@ def finetune(args, out: Path, name: str, extra: list[str]) -> dict:
             "accuracy": report["after"]["accuracy"], "trainable": report["params"]["trainable"], "total": report["params"]["total"]}
 
 
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One arm: mean accuracy (before and after) over its seeds, their range and total time."""
+    acc = [r["accuracy"] for r in runs]
+    return {**runs[0], "accuracy": sum(acc) / len(acc), "min": min(acc), "max": max(acc),
+            "accuracy_before": sum(r["accuracy_before"] for r in runs) / len(runs),
+            "seconds": sum(r["seconds"] for r in runs), "runs": runs}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/transfer", help="cache and runs (default: runs/transfer)")
@@ -97,7 +110,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256, help="pretraining rows")
     p.add_argument("--batch", type=int, default=16, help="global batch (rows) for pretraining and fine-tuning")
-    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--pretrain-steps", type=int, default=1700,
+                   help="x batch x seq-len tokens; 1700 = 7M tokens (1.1 passes over the corpus), ~28 min on 2 cores")
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--examples", type=int, default=2000)
     p.add_argument("--ft-steps", type=int, default=120, help="fine-tuning steps, the same for all three")
@@ -109,6 +123,7 @@ def main() -> int:
     p.add_argument("--positive", default=" positive", help="answer word of a positive review")
     p.add_argument("--negative", default=" negative", help="answer word of a negative review")
     p.add_argument("--arms", default="full,lora,scratch", help="which fine-tunings to run (all three for the table)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per arm (run.seed 0..N-1); accuracies are their mean")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -125,9 +140,11 @@ def main() -> int:
                                      f"train.lr={args.scratch_lr}"]),
     }
     chosen = [a.strip() for a in args.arms.split(",")]
-    arms = [finetune(args, out, *plans[a]) for a in chosen]
+    arms = [mean_over_seeds([finetune(args, out, name, extra + ([f"run.seed={seed}"] if seed else []))
+                             for seed in range(args.seeds)]) for name, extra in (plans[a] for a in chosen)]
     for arm in arms:
-        print(f"{arm['name']}: accuracy {arm['accuracy_before']:.3f} -> {arm['accuracy']:.3f} ({arm['run']})")
+        for r in arm["runs"]:
+            print(f"{arm['name']}: accuracy {r['accuracy_before']:.3f} -> {r['accuracy']:.3f} ({r['run']})")
     if chosen != ["full", "lora", "scratch"]:
         return 0
     full, lora, scratch = arms
@@ -136,11 +153,12 @@ def main() -> int:
 
     print(f"\ntransfer: {args.preset} preset, pretraining {args.pretrain_steps} steps x {args.batch} x {args.seq_len} tokens "
           f"({pretrain_s / 60:.1f} min now, cached in {run}); sentiment fine-tuning: {args.examples} examples, "
-          f"{args.ft_steps} steps x {args.batch} rows of 128")
-    print(f"{'':28s}{'trainable params':>22s}{'acc. before':>13s}{'acc. after':>12s}{'minutes':>9s}")
+          f"{args.ft_steps} steps x {args.batch} rows of 128; mean over {args.seeds} seed(s)")
+    print(f"{'':20s}{'trainable params':>22s}{'acc. before':>13s}{'acc. after':>12s}{'range':>15s}{'minutes':>9s}")
     for arm in arms:
         frac = f"{arm['trainable']:,} ({arm['trainable'] / arm['total']:.1%})"
-        print(f"{arm['name']:28s}{frac:>22s}{arm['accuracy_before']:>13.3f}{arm['accuracy']:>12.3f}{arm['seconds'] / 60:>9.1f}")
+        spread = f"{arm['min']:.3f}-{arm['max']:.3f}"
+        print(f"{arm['name']:20s}{frac:>22s}{arm['accuracy_before']:>13.3f}{arm['accuracy']:>12.3f}{spread:>15s}{arm['seconds'] / 60:>9.1f}")
     print(f"pretrained+FT - scratch+FT: {100 * gain:+.1f} points   "
           f"[{'PASS' if gain >= 0.10 else 'FAIL'}: expected >= +10]")
     print(f"LoRA's share of full FT's gain over scratch: {share:.0%}   "
