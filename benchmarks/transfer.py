@@ -140,6 +140,7 @@ def main() -> int:
                                      f"train.lr={args.scratch_lr}"]),
     }
     chosen = [a.strip() for a in args.arms.split(",")]
+    # seed 0 is the configs' own run.seed: left out of the overrides so its runs keep their cache key
     arms = [mean_over_seeds([finetune(args, out, name, extra + ([f"run.seed={seed}"] if seed else []))
                              for seed in range(args.seeds)]) for name, extra in (plans[a] for a in chosen)]
     for arm in arms:
