@@ -128,7 +128,7 @@ def main() -> int:
     args = p.parse_args()
 
     from llmtrain.data.readers import expand_inputs
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer
 
     cores = os.cpu_count() or 1
     files = expand_inputs([str(args.corpus)])

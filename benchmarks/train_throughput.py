@@ -69,7 +69,7 @@ MB = 2**20
 def prepare_data(work: Path, corpus: Path, vocab_size: int, seq_len: int) -> tuple[Path, Path]:
     """(prepared dir, baseline dir), built once under `work` and reused."""
     from llmtrain.data.prepare import prepare
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     ignore = work.parent / ".gitignore"
@@ -94,7 +94,7 @@ def export_rows(prepared: Path, out: Path) -> None:
     import numpy as np
 
     from llmtrain.data.loader import TokenLoader
-    from llmtrain.model.config import ModelConfig
+    from llmtrain.model.model_config import ModelConfig
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

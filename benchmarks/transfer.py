@@ -42,7 +42,7 @@ def pretrain(args, out: Path) -> tuple[Path, Path, float]:
     from llmtrain.checkpoint import find_latest, read_meta
     from llmtrain.config import load_config
     from llmtrain.data.prepare import prepare
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer
     from llmtrain.launch import launch
 
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ def next_power_of_2(n: int) -> int:
 _INTERPRETED: dict = {}
 
 
-def interpreted(fn) -> "InterpretedFunction":
+def interpreted(fn) -> InterpretedFunction:
     """The interpreter's version of a `@triton.jit` kernel (works without TRITON_INTERPRET)."""
     if isinstance(fn, InterpretedFunction):
         return fn
@@ -94,7 +94,7 @@ class Launcher:
     def __init__(
         self,
         fn,
-        configs: Optional[dict[int, Sequence["triton.Config"]]] = None,
+        configs: Optional[dict[int, Sequence[triton.Config]]] = None,
         key: Sequence[str] = (),
         cpu: Optional[dict] = None,
         pick: Optional[Callable[[list, dict], list]] = None,

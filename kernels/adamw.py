@@ -36,6 +36,7 @@ from typing import Iterable, Optional
 import torch
 
 from kernels._runtime import Launcher, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -151,7 +152,7 @@ def torch_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: i
 def _kernel_for(device: torch.device) -> bool:
     """The Triton kernel for CUDA tensors; for CPU tensors only when the `triton` backend is forced
     (it then runs under the interpreter, for tests)."""
-    from kernels import dispatch
+    from kernels import dispatch  # here: dispatch imports this module when it loads
 
     return device.type == "cuda" or dispatch._backend == "triton"
 
@@ -234,8 +235,6 @@ class FusedAdamW(torch.optim.Optimizer):
 
 def aot_cases():
     """AOT compile cases: fp32 params, and bf16 params with fp32 masters, with and without a scale."""
-    from kernels.aot import Case
-
     meta = dict(GPU_SETTINGS)
     warps = meta.pop("num_warps")
     for target in (80, 90):

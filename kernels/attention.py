@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._runtime import Launcher, dot_mode, next_power_of_2, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -417,8 +418,6 @@ def aot_cases():
     serves (bf16 head dim 64 for "s", 128 for "l"; fp32 head dims 64 and 128 for "f"), causal with
     document masking and GQA (the most demanding variant). fp16 compiles to the same resource
     use as bf16 (measured for every config), so it is left out."""
-    from kernels.aot import Case
-
     B, Hq, Hkv, L = 2, 32, 8, 4096
     variants = [("s", torch.bfloat16, 64), ("l", torch.bfloat16, 128), ("f", torch.float32, 64), ("f", torch.float32, 128)]
     for target in (80, 90):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._runtime import Launcher, next_power_of_2, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -297,8 +298,6 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index: 
 def aot_cases():
     """AOT compile cases: the forward (loss), backward (gradient) and fused chunk (loss and
     in-place gradient) variants at both GPU settings (vocab < 8192: 8 warps; larger: 16)."""
-    from kernels.aot import Case
-
     for target in (80, 90):
         for dtype in (torch.bfloat16, torch.float32):
             for vocab in (5000, 128256):

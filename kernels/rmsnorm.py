@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from kernels._runtime import Launcher, next_power_of_2, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -136,8 +137,6 @@ def rms_norm(x, weight, eps: float):
 
 def aot_cases():
     """AOT compile cases: forward and backward at the GPU settings for common hidden sizes."""
-    from kernels.aot import Case
-
     for target in (80, 90):
         for dtype in (torch.bfloat16, torch.float32):
             for n in (2048, 4096, 8192):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels._runtime import Launcher, next_power_of_2, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -132,8 +133,6 @@ def apply_rope(q, k, cos, sin):
 
 def aot_cases():
     """AOT compile cases: forward and backward rotation at the GPU settings for head dims 64 and 128."""
-    from kernels.aot import Case
-
     B, H, L = 2, 32, 4096
     for target in (80, 90):
         for dtype in (torch.bfloat16, torch.float32):

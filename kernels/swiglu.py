@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._runtime import Launcher, triton
+from kernels.aot import Case
 
 if triton is not None:
     import triton.language as tl
@@ -80,8 +81,6 @@ def swiglu(gate, up):
 
 def aot_cases():
     """AOT compile cases: forward and backward at the GPU settings."""
-    from kernels.aot import Case
-
     meta = dict(GPU_SETTINGS)
     warps = meta.pop("num_warps")
     for target in (80, 90):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,23 @@ def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], world_s
         raise UserError(f"checkpoint {path} was written with zero.stage={meta['zero_stage']}; resume with that stage")
 
 
+def resume_point(resume: str, run_dir: Path, model_config: dict[str, Any], world_size: int, zero_stage: int,
+                 after_failure: bool = False) -> Optional[tuple[Path, dict[str, Any]]]:
+    """(checkpoint, its meta) a run continues from, checked against this run's model shape,
+    world size and ZeRO stage; None for a fresh start. After a failure (Ray Train restarted
+    the workers) the newest complete checkpoint, whatever `train.resume` says."""
+    path = find_latest(run_dir) if after_failure else None
+    if path is None:
+        path = resolve_resume(resume, run_dir)
+    if path is None:
+        return None
+    meta = read_meta(path)
+    check_compatible(meta, model_config, world_size, zero_stage, path)
+    return path, meta
+
+
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
     """Restore DeepSpeed state and this rank's RNG from checkpoint `path`; returns its meta."""
-    from llmtrain.safe_load import weights_only_loads
-
     meta = read_meta(path)
     with weights_only_loads(path):  # DeepSpeed's own reads say weights_only=False
         load_path, _ = engine.load_checkpoint(

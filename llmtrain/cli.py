@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Callable, Optional
 
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, run_main
+from llmtrain.tasks import TASKS
 
 Command = Callable[[argparse.Namespace], Optional[int]]
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = []
@@ -51,7 +52,7 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 @command("tokenizer", "train a sentencepiece BPE tokenizer (byte fallback, chat tokens)", _tokenizer_args)
 def _tokenizer(args: argparse.Namespace) -> None:
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer  # on use: `llmtrain --help` loads no torch/ray
 
     train_tokenizer(args.input, args.vocab_size, args.output, max_sentences=args.max_sentences, threads=args.threads, text_column=args.text_column)
 
@@ -72,7 +73,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 @command("prepare", "clean, deduplicate, tokenize and pack text into Arrow token shards", _prepare_args)
 def _prepare(args: argparse.Namespace) -> None:
-    from llmtrain.data.prepare import prepare
+    from llmtrain.data.prepare import prepare  # on use: `llmtrain --help` loads no torch/ray
 
     prepare(
         args.input,
@@ -95,7 +96,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 @command("verify", "check every shard of a prepared directory against its manifest (sha256)", _verify_args)
 def _verify(args: argparse.Namespace) -> None:
-    from llmtrain.data.shards import verify
+    from llmtrain.data.shards import verify  # on use: `llmtrain --help` loads no torch/ray
 
     verify(args.dir)
 
@@ -106,9 +107,9 @@ def _verify(args: argparse.Namespace) -> None:
 
 @command("pretrain", "pretrain a decoder on prepared token shards (Ray Train + DeepSpeed ZeRO)", _config_args)
 def _pretrain(args: argparse.Namespace) -> None:
-    from llmtrain.config import load_config
-    from llmtrain.launch import launch
-    from llmtrain.report import print_run_summary
+    from llmtrain.config import load_config  # on use: `llmtrain --help` loads no torch/ray
+    from llmtrain.launch import launch  # on use: `llmtrain --help` loads no torch/ray
+    from llmtrain.run_summary import print_run_summary  # on use: `llmtrain --help` loads no torch/ray
 
     cfg = load_config(args.config, args.overrides)
     launch(cfg, "pretrain", started=_process_start())
@@ -117,10 +118,10 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 @command("sft", "supervised fine-tuning, full or LoRA (a lora: section), of a run or a released checkpoint", _config_args)
 def _sft(args: argparse.Namespace) -> None:
-    from llmtrain.config import load_config
-    from llmtrain.finetune import print_report
-    from llmtrain.launch import launch
-    from llmtrain.report import print_run_summary
+    from llmtrain.config import load_config  # on use: `llmtrain --help` loads no torch/ray
+    from llmtrain.launch import launch  # on use: `llmtrain --help` loads no torch/ray
+    from llmtrain.run_summary import print_run_summary  # on use: `llmtrain --help` loads no torch/ray
+    from llmtrain.tasks.sft import print_report  # on use: `llmtrain --help` loads no torch/ray
 
     cfg = load_config(args.config, args.overrides)
     launch(cfg, "sft", started=_process_start())
@@ -137,7 +138,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 @command("export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage), or a LoRA run's PEFT adapter", _export_args)
 def _export(args: argparse.Namespace) -> None:
-    from llmtrain.export import export
+    from llmtrain.export import export  # on use: `llmtrain --help` loads no torch/ray
 
     out = export(args.run_dir, args.output, step=args.step, merge=args.merge)
     print(f"exported {out}")
@@ -165,11 +166,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "perplexity on prepared data, accuracy on a labelled task, generations (optionally with an adapter)", _eval_args)
 def _eval(args: argparse.Namespace) -> None:
-    from llmtrain.evaluate import eval_command
+    from llmtrain.evaluate import eval_command  # on use: `llmtrain --help` loads no torch/ray
 
     task = None
     if args.task is not None:
-        from llmtrain.config import DataSection
+        from llmtrain.config import DataSection  # on use: `llmtrain --help` loads no torch/ray
 
         words = dict(w.split("=", 1) for w in args.label_word if "=" in w)
         if len(words) != len(args.label_word):
@@ -192,7 +193,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "complete prompts with a Hugging Face-format model (greedy or sampling, KV cache)", _generate_args)
 def _generate(args: argparse.Namespace) -> None:
-    from llmtrain.generate import complete
+    from llmtrain.generate import complete  # on use: `llmtrain --help` loads no torch/ray
 
     texts = complete(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -213,7 +214,7 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
 
 @command("quickstart", "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate -> SFT and LoRA", _quickstart_args)
 def _quickstart(args: argparse.Namespace) -> None:
-    from llmtrain.quickstart import quickstart
+    from llmtrain.quickstart import quickstart  # on use: `llmtrain --help` loads no torch/ray
 
     quickstart(args.output, corpus=args.corpus, steps=args.steps, vocab_size=args.vocab_size, seq_len=args.seq_len,
                workers=args.workers, overrides=args.overrides, sft_steps=args.sft_steps, sft_data=args.sft_data)
@@ -231,14 +232,14 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 def _submit_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     _address_arg(p)
-    p.add_argument("--task", default="pretrain", choices=["pretrain", "sft"], help="what the job runs (default: pretrain)")
+    p.add_argument("--task", default="pretrain", choices=list(TASKS), help="what the job runs (default: pretrain)")
     p.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 only if it succeeded")
     p.add_argument("--no-resource-check", action="store_true", help="submit even if the alive nodes cannot hold the workers (autoscaling clusters)")
 
 
 @command("submit", "submit a training job to a Ray cluster (Jobs API) with this checkout's code and the resolved config", _submit_args)
 def _submit(args: argparse.Namespace) -> int:
-    from llmtrain.submit import submit
+    from llmtrain.submit import submit  # on use: `llmtrain --help` loads no torch/ray
 
     return submit(args.config, args.overrides, args.address, task=args.task, follow=args.follow,
                   resource_check=not args.no_resource_check)
@@ -253,7 +254,7 @@ def _jobs_args(p: argparse.ArgumentParser) -> None:
 
 @command("jobs", "list jobs on a Ray cluster, or show the status / logs of one, or stop it", _jobs_args)
 def _jobs(args: argparse.Namespace) -> int:
-    from llmtrain.submit import jobs
+    from llmtrain.submit import jobs  # on use: `llmtrain --help` loads no torch/ray
 
     return jobs(args.action, args.job_id, args.address, follow=args.follow)
 
@@ -283,15 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        code = args._fn(args)
-    except UserError as err:
-        print(f"llmtrain: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("llmtrain: interrupted", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return run_main(lambda: args._fn(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+import kernels
 from llmtrain.config import JobConfig
+from llmtrain.errors import UserError
+from llmtrain.model.decoder import Decoder
 from llmtrain.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,6 @@ class Layout:
 
 
 def batch_layout(cfg: JobConfig, world_size: int) -> Layout:
-    from llmtrain.errors import UserError
-
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_step = mbs * world_size
     if gbs % per_step:
@@ -73,8 +74,8 @@ def deepspeed_config(cfg: JobConfig, layout: Layout, precision: str, on_gpu: boo
     parameters below 10 x hidden elements (norms, biases) kept whole on every rank. Fixed
     defaults (50M-element buckets, 100k persistence) would keep a small model's attention
     projections unpartitioned and allocate buckets many times the model's size. Buckets never
-    go below MIN_BUCKET elements: each bucket is one collective, and hidden^2 of a small model
-    (65k at hidden 256) meant ~80 all-reduces per step, each a point where both ranks wait."""
+    go below MIN_BUCKET elements: each bucket is one collective, a point where every rank
+    waits, so a small model's hidden^2 would mean dozens per step (benchmarks/train_throughput.py)."""
     bucket = min(50_000_000, max(MIN_BUCKET, hidden_size**2)) if hidden_size else 50_000_000
     zero: dict = {
         "stage": cfg.zero.stage,
@@ -123,7 +124,7 @@ def prepare_deepspeed_runtime(on_gpu: bool) -> None:
     """
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator on import
     import deepspeed.ops
 
     if not on_gpu:
@@ -136,12 +137,10 @@ def prepare_deepspeed_runtime(on_gpu: bool) -> None:
 # Model construction
 
 
-def build_model(model_config, cfg: JobConfig, ds_config: dict, init_weights: Optional[Callable] = None):
+def build_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optional[Callable[[], Iterable]] = None):
     """Construct the decoder; under ZeRO-3 inside `deepspeed.zero.Init` so every rank only ever
-    holds its partition. `init_weights(model)` (e.g. loading a checkpoint) runs afterwards."""
-    import deepspeed
-
-    from llmtrain.model.decoder import Decoder
+    holds its partition. `weights()` (the base's (name, tensor) pairs) are loaded afterwards."""
+    import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
 
     if cfg.zero.stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if cfg.zero.offload_params else None):
@@ -149,9 +148,27 @@ def build_model(model_config, cfg: JobConfig, ds_config: dict, init_weights: Opt
     else:
         model = Decoder(model_config)
     model.gradient_checkpointing = cfg.model.activation_checkpointing
-    if init_weights is not None:
-        init_weights(model)
+    if weights is not None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        load_weights(model, weights(), zero_stage=cfg.zero.stage, rank=rank)
     return model
+
+
+def frozen_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optional[Callable[[], Iterable]] = None):
+    """A second, frozen copy of the model for inference beside the trained one (e.g. the DPO
+    reference), handled by the same ZeRO stage: under ZeRO-3 partitioned like the policy and
+    wrapped in an optimizer-less DeepSpeed engine (which gathers each layer for its forward);
+    otherwise a plain module, whole on every rank. Returns a module in eval mode."""
+    import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
+
+    model = build_model(model_config, cfg, ds_config, weights)
+    model.requires_grad_(False)
+    if cfg.zero.stage == 3:
+        config = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
+        config["zero_optimization"] = dict(ds_config["zero_optimization"], stage=3)
+        config.pop("zero_allow_untested_optimizer", None)
+        model, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    return model.eval()
 
 
 def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int, rank: int) -> int:
@@ -165,7 +182,7 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
                 params[name].copy_(tensor.to(params[name].dtype))
             count += 1
         return count
-    import deepspeed
+    import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
 
     for name, tensor in tensors:
         param = params[name]
@@ -207,8 +224,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: Optional[float
 
 
 def make_optimizer(groups: list[dict], cfg: JobConfig) -> torch.optim.Optimizer:
-    import kernels
-
     t = cfg.train
     factory = getattr(kernels, "adamw_optimizer", None)
     if factory is not None:
@@ -252,7 +267,7 @@ class Stage0Clipping:
 def initialize(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
     """deepspeed.initialize on the process group that already exists (Ray Train's / torchrun's).
     Returns (engine, step guard, grad_norm() -> float | None)."""
-    import deepspeed
+    import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
 
     optimizer = make_optimizer(param_groups(model, cfg.train.weight_decay, cfg.train.lr), cfg)
     guard = StepGuard(optimizer)
@@ -270,3 +285,34 @@ def initialize(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
         return None if norm is None else float(norm)
 
     return engine, guard, grad_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading parameters across partitions
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; full sizes under ZeRO-3 (`ds_numel`), shared ones once."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_state(engine, rank: int) -> Optional[dict[str, torch.Tensor]]:
+    """Every trainable parameter of the engine's model, whole, fp32 on the CPU, on rank 0 (None
+    elsewhere). Every rank must call it: under ZeRO-3 it gathers the partitions (reading a
+    partitioned parameter directly gives a (0,)-shaped tensor)."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+    def read() -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return read() if rank == 0 else None
+    return read() if rank == 0 else None

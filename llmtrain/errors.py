@@ -7,6 +7,9 @@ Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """A mistake in input or configuration that the user can fix; the message says how."""
@@ -22,3 +25,17 @@ def require(condition: bool, message: str) -> None:
     """Raise `UserError(message)` unless `condition` holds."""
     if not condition:
         raise UserError(message)
+
+
+def run_main(fn: Callable[[], object]) -> int:
+    """Every entry point's error path: a UserError prints one line `llmtrain: error: ...` and
+    gives its exit code (no traceback); Ctrl-C gives 130; anything else is a bug and raises."""
+    try:
+        code = fn()
+    except UserError as err:
+        print(f"llmtrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("llmtrain: interrupted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0

@@ -9,7 +9,7 @@ Accuracy scores every label word: the summed log-probability of the answer token
 word and the end-of-turn token after it, as the template renders them) given the prompt; the
 highest-scoring label is the prediction. No free-form output is parsed.
 
-The same functions run inside training workers (the fine-tuning report, llmtrain/finetune.py)
+The same functions run inside training workers (validation, the fine-tuning report)
 on the DeepSpeed engine, any ZeRO stage: examples are split over ranks, and every rank makes
 the same number of forward passes (ZeRO-3 gathers parameters collectively in each).
 """
@@ -24,7 +24,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from llmtrain.data.chat import resolve_template
+from llmtrain.data.loader import TokenLoader
+from llmtrain.data.sft import data_files, label_set, make_choices, read_records
+from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import UserError
+from llmtrain.generate import eos_ids, generate
+from llmtrain.generate import load_tokenizer as load_hf_tokenizer
+from llmtrain.model.hf import load_hf_model
+from llmtrain.model.lora import load_adapter
+from llmtrain.worker import WorkerContext
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input_ids [B, L] -> logits [B, L, V]
 
@@ -66,57 +75,62 @@ def choice_accuracy(forward: Forward, choices, limit: int, rank: int, world_size
     return total_correct / total if total else None
 
 
-def prepared_val_loss(engine_or_model, path: Path, micro_batch_size: int, grad_accum: int, ctx, seed: int = 0) -> Optional[float]:
-    """Token-weighted loss on the validation split of a prepared directory (None if it has none)."""
-    from llmtrain.data.loader import TokenLoader
-    from llmtrain.train import evaluate
+def count_labels(micro_batch: dict[str, torch.Tensor]) -> int:
+    """Supervised tokens of a micro-batch: what language-model losses are normalised by."""
+    return int((micro_batch["labels"] != -100).sum())
 
+
+def lm_loss(model, micro_batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed next-token cross-entropy over the supervised tokens (no extra statistics)."""
+    mb = micro_batch
+    return model(mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device), labels=mb["labels"].to(device)), {}
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches, ctx: WorkerContext, loss=lm_loss, count=count_labels) -> Optional[dict[str, float]]:
+    """{"loss": ..., **stats}: sums over `batches.next_step()` (one call) and all ranks, divided
+    by the global count (tokens for language modelling, pairs for preference losses); None when
+    the batches hold nothing. `model` (a module or the DeepSpeed engine) is in eval mode meanwhile."""
+    was_training = model.training
+    model.train(False)
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=ctx.device)}
+    n = 0
+    for mb in batches.next_step():
+        loss_sum, stats = loss(model, mb, ctx.device)
+        for key, value in {"loss": loss_sum, **stats}.items():
+            sums[key] = sums.get(key, 0) + value.detach().double()
+        n += count(mb)
+    model.train(was_training)
+    keys = list(sums)
+    totals = ctx.all_reduce_sum([float(sums[k]) for k in keys] + [n])
+    count_all = totals.pop()
+    return {k: v / count_all for k, v in zip(keys, totals)} if count_all else None
+
+
+def prepared_val_loss(model, path: Path, micro_batch_size: int, grad_accum: int, ctx: WorkerContext, seed: int = 0) -> Optional[float]:
+    """Token-weighted loss on the validation split of a prepared directory (None if it has none)."""
     loader = TokenLoader(str(path), split="val", micro_batch_size=micro_batch_size, grad_accum=grad_accum, rank=ctx.rank,
                          world_size=ctx.world_size, seed=seed, shuffle=False)
     if not loader.has_split("val"):
         return None
-    return evaluate(engine_or_model, loader, ctx)
+    result = mean_loss(model, loader, ctx)
+    return None if result is None else result["loss"]
 
 
 # ---------------------------------------------------------------------------------------------
 # `llmtrain eval`
 
 
-class _Local:
-    """A single-process stand-in for the worker context."""
-
-    rank, world_size, is_main = 0, 1, True
-    device = torch.device("cpu")
-
-    @staticmethod
-    def all_reduce_sum(values):
-        return list(values)
-
-
-class _ModelAsEngine:
-    """Lets train.evaluate() drive a plain model (it calls engine(...) and engine.module.train())."""
-
-    def __init__(self, model):
-        self.module = model
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 def load_model(model_dir: str | Path, adapter: Optional[str | Path] = None):
     """Our decoder from a Hugging Face directory, with a PEFT adapter loaded when given."""
-    from llmtrain.model.hf import load_hf_model
-
     model = load_hf_model(model_dir)
     if adapter is not None:
-        from llmtrain.model.lora import load_adapter
-
         load_adapter(model, adapter)
     return model.eval()
 
 
 def perplexity(model, data_dir: str | Path, batches: int = 16, micro_batch_size: int = 8) -> dict:
-    loss = prepared_val_loss(_ModelAsEngine(model), Path(data_dir), micro_batch_size, batches, _Local())
+    loss = prepared_val_loss(model, Path(data_dir), micro_batch_size, batches, WorkerContext.single_process())
     if loss is None:
         raise UserError(f"{data_dir}: no validation split; prepare it with --val-fraction > 0")
     return {"val_loss": loss, "perplexity": math.exp(loss)}
@@ -124,10 +138,6 @@ def perplexity(model, data_dir: str | Path, batches: int = 16, micro_batch_size:
 
 def task_accuracy(model, model_dir: str | Path, data, limit: int = 1000, seq_len: Optional[int] = None) -> dict:
     """Accuracy on labelled records (`data`: a DataSection with path, template, label words, ...)."""
-    from llmtrain.data.chat import resolve_template
-    from llmtrain.data.sft import data_files, label_set, make_choices, read_records
-    from llmtrain.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     template = resolve_template(data.chat_template, tokenizer)
     files = data_files(data.path, "--task")
@@ -145,10 +155,8 @@ def task_accuracy(model, model_dir: str | Path, data, limit: int = 1000, seq_len
 def generations(model, model_dir: str | Path, prompts: Sequence[str], chat: bool, max_new_tokens: int = 64,
                 temperature: float = 0.0, top_p: Optional[float] = None, seed: Optional[int] = None) -> list[str]:
     """Continuations of `prompts` (wrapped in the model's chat template with `chat`)."""
-    from llmtrain.generate import _eos_ids, _load_tokenizer, generate
-
-    tokenizer = _load_tokenizer(model_dir)
-    eos = _eos_ids(model_dir, model.config.eos_token_id, tokenizer.eos_token_id)
+    tokenizer = load_hf_tokenizer(model_dir)
+    eos = eos_ids(model_dir, model.config.eos_token_id, tokenizer.eos_token_id)
     out = []
     for i, prompt in enumerate(prompts):
         if chat:

@@ -10,7 +10,7 @@ module state, memory-mapped. The output (config.json, generation_config.json, sa
 shards + index, tokenizer files) is assembled in a temporary directory and renamed.
 
 A LoRA fine-tuning run exports its adapter in PEFT's format instead, and with `--merge` the
-base with the adapter merged in (llmtrain/model/lora.py):
+base with the adapter merged in (`export_lora`, through llmtrain/model/lora.py):
 
     llmtrain export runs/lora --output exported/adapter
     llmtrain export runs/lora --output exported/merged --merge
@@ -26,7 +26,14 @@ from typing import Iterator, Optional
 import torch
 
 from llmtrain import checkpoint
+from llmtrain.config import LoraSection
+from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
+from llmtrain.model.decoder import Decoder
+from llmtrain.model.hf import save_hf_checkpoint
+from llmtrain.model.lora import PREFIX, copy_config, expected_shapes, lora_config, merged_model, resolve_targets, write_adapter
+from llmtrain.model.model_config import ModelConfig
+from llmtrain.safe_load import weights_only_loads
 
 
 def pick_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
@@ -53,8 +60,6 @@ def pick_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
 
 def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 tensor) for every saved model tensor, one at a time."""
-    from llmtrain.safe_load import weights_only_loads
-
     ds_dir = ckpt / checkpoint.DS_TAG
     if zero_stage == 0:
         with weights_only_loads(ckpt):
@@ -62,7 +67,7 @@ def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, tor
         for name, tensor in state["module"].items():
             yield name, tensor.float()
         return
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deepspeed: ~3 s, stage 0 needs none
 
     with weights_only_loads(ckpt):  # zero_to_fp32 reads every file with weights_only=False
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.DS_TAG, lazy_mode=True)
@@ -74,41 +79,63 @@ def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, tor
 def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None, merge: bool = False) -> Path:
     """A LoRA run (sft with a `lora:` section) exports its PEFT adapter, or with `merge` the
     base with the adapter merged (llmtrain/model/lora.py); any other run its full model."""
-    from llmtrain.model.config import ModelConfig
-    from llmtrain.model.hf import save_hf_checkpoint
-
     ckpt = pick_checkpoint(run_dir, step)
     meta = checkpoint.read_meta(ckpt)
     config = ModelConfig.from_dict(meta["model_config"])
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not empty; choose a new --output directory")
-    if meta.get("task") == "sft" and (meta.get("config") or {}).get("lora"):
-        from llmtrain.model.lora import export_lora
-
+    if (meta.get("config") or {}).get("lora"):
         run = _run_dir_of(ckpt)
         pointer = run / "sft-data.json"
         base = json.loads(pointer.read_text())["base"] if pointer.is_file() else meta["config"]["model"].get("from")
         return export_lora(ckpt, meta, config, output, merge, run / "tokenizer", base)
     if merge:
         raise UserError(f"{ckpt}: --merge needs a LoRA run, and this checkpoint holds a full model; export it without --merge")
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tensors = consolidated_tensors(ckpt, meta["zero_stage"])
     if config.tie_word_embeddings:
         tensors = ((n, t) for n, t in tensors if n != "lm_head.weight")
-    save_hf_checkpoint(tensors, config, tmp)
-    tokenizer = _run_dir_of(ckpt) / "tokenizer"
-    if tokenizer.is_dir():
-        for f in tokenizer.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    if output.exists():
-        output.rmdir()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(output)
+    _write_model(tensors, config, output, _run_dir_of(ckpt) / "tokenizer")
     return output
+
+
+def _write_model(tensors, config, output: Path, tokenizer_dir: Optional[Path]) -> None:
+    """A Hugging Face model directory (weights, config, tokenizer files), complete or absent."""
+    with atomic_dir(output) as tmp:
+        save_hf_checkpoint(tensors, config, tmp / "model", overwrite=True)
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
 
 
 def _run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent  # RUN_DIR/checkpoints/step_N
+
+
+def export_lora(ckpt: Path, meta: dict, model_config, output: Path, merge: bool, tokenizer_dir: Optional[Path],
+                base: Optional[str]) -> Path:
+    """A LoRA run's checkpoint -> its PEFT adapter directory, or (`merge`) a merged Hugging Face
+    model directory. Tensors come from the consolidated checkpoint (any ZeRO stage)."""
+    section = LoraSection.model_validate(meta["config"]["lora"])
+    with torch.device("meta"):
+        targets = resolve_targets(Decoder(model_config), section, model_config.tie_word_embeddings)
+    config = lora_config(section, targets)
+    tensors = consolidated_tensors(ckpt, meta["zero_stage"])
+    if merge:
+        model = merged_model(model_config, tensors, config)
+        _write_model(model.state_dict().items(), model_config, output, tokenizer_dir)
+        return Path(output)
+    from peft import get_peft_model_state_dict, inject_adapter_in_model  # ~3.7 s: only LoRA exports pay it
+
+    with torch.device("meta"):
+        shell = Decoder(model_config)
+        inject_adapter_in_model(copy_config(config), shell)
+    wanted = {n for n, p in shell.named_parameters() if p.requires_grad}
+    state = {n: t for n, t in tensors if n in wanted}
+    peft_state = {PREFIX + k: v.contiguous() for k, v in
+                  get_peft_model_state_dict(shell, state_dict=state, save_embedding_layers=False).items()}
+    return write_adapter(peft_state, config, output, base, tokenizer_dir, expected=expected_shapes(model_config, config))

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.model.hf import load_hf_config, load_hf_model
 
 EosIds = Union[int, Iterable[int], None]
 
@@ -118,15 +119,13 @@ def complete(model_dir: Union[str, os.PathLike], prompts: Sequence[str], max_new
              seed: Optional[int] = None) -> list[str]:
     """Load a Hugging Face-format directory (weights + tokenizer, local files only) and return
     each prompt followed by its continuation, as text."""
-    from llmtrain.model.hf import load_hf_config, load_hf_model
-
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     load_hf_config(model_dir)  # a clear error for a wrong directory before the tokenizer's
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     model = load_hf_model(model_dir, dtype=dtype, device="cuda" if on_gpu else "cpu")
-    eos = _eos_ids(model_dir, model.config.eos_token_id, tokenizer.eos_token_id)
+    eos = eos_ids(model_dir, model.config.eos_token_id, tokenizer.eos_token_id)
     texts = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt)["input_ids"]
@@ -138,7 +137,7 @@ def complete(model_dir: Union[str, os.PathLike], prompts: Sequence[str], max_new
     return texts
 
 
-def _eos_ids(model_dir, config_eos: EosIds, tokenizer_eos: Optional[int]) -> EosIds:
+def eos_ids(model_dir, config_eos: EosIds, tokenizer_eos: Optional[int]) -> EosIds:
     """generation_config.json's eos ids (e.g. Llama-3-Instruct's list), else config.json's, else the tokenizer's."""
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
@@ -151,7 +150,7 @@ def _eos_ids(model_dir, config_eos: EosIds, tokenizer_eos: Optional[int]) -> Eos
     return config_eos if config_eos is not None else tokenizer_eos
 
 
-def _load_tokenizer(model_dir: Union[str, os.PathLike]):
+def load_tokenizer(model_dir: Union[str, os.PathLike]):
     from transformers import AutoTokenizer
 
     try:

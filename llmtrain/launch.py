@@ -13,16 +13,26 @@ existing cluster (`ray://HEAD:10001` through Ray Client, or `auto` on a cluster 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+import torch
+from tqdm import tqdm
+
+from llmtrain import checkpoint, reachable
+from llmtrain.cluster_failures import explain, failure_settings, forget_previous_run
 from llmtrain.config import JobConfig, write_resolved_config
+from llmtrain.engine import batch_layout
 from llmtrain.errors import UserError
+from llmtrain.metrics import StartupClock
+from llmtrain.tasks import get_task
+from llmtrain.train import train_worker
 
 log = logging.getLogger("llmtrain")
 
@@ -30,33 +40,28 @@ log = logging.getLogger("llmtrain")
 FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "LLMTRAIN_TEST_SAVE_PAUSE")  # the last: a test hook (checkpoint.py)
 
 
-def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[str, Any]:
-    """Run `task` ("pretrain", "sft") for `cfg` on Ray; returns the final metrics. `started`:
-    when the command began (unix time), for the start-up breakdown the workers log."""
-    from llmtrain.metrics import StartupClock
-
+def launch(cfg: JobConfig, task_name: str, started: Optional[float] = None) -> dict[str, Any]:
+    """Run task `task_name` (llmtrain/tasks/) for `cfg` on Ray; returns the final metrics.
+    `started`: when the command began (unix time), for the start-up breakdown the workers log."""
     clock = StartupClock(started)
     cfg = absolutize_paths(cfg)
-    from llmtrain.preflight import preflight
-
-    preflight(cfg, task)
+    task = get_task(task_name)
+    world = cfg.cluster.num_workers
+    plan = task.prepare(cfg, batch_layout(cfg, world))  # the task's driver step: inputs checked, caches built
+    run_dir = Path(cfg.run.dir)
+    checkpoint.resume_point(cfg.train.resume, run_dir, plan.model_config.to_dict(), world, cfg.zero.stage)
     clock.mark("driver")
     start_ray(cfg)
     clock.mark("ray_init")
     if cfg.cluster.use_gpu is None:
         cfg.cluster.use_gpu = _gpus_available(cfg)
-    run_dir = Path(cfg.run.dir)
     write_resolved_config(cfg, run_dir)
-    from llmtrain.failures import forget_previous_run
-
     forget_previous_run(run_dir)  # a resubmitted job resumes by train.resume, not by Ray's stale snapshot
-    trainer = _trainer(cfg, task, cfg.cluster.use_gpu, clock)
+    trainer = _trainer(cfg, task_name, cfg.cluster.use_gpu, clock)
     with ProgressBar(run_dir, cfg.train.max_steps):
         try:
             result = trainer.fit()
         except Exception as err:  # Ray wraps worker exceptions; surface a user mistake as one line
-            from llmtrain.failures import explain
-
             user = find_user_error(err) or explain(err, cfg)
             if user is not None:
                 raise user from None
@@ -64,12 +69,9 @@ def launch(cfg: JobConfig, task: str, started: Optional[float] = None) -> dict[s
     return dict(result.metrics or {})
 
 
-def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig  # ~1 s: only once the driver checks passed
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from llmtrain.failures import failure_settings
-    from llmtrain.train import train_worker
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
@@ -77,7 +79,7 @@ def _trainer(cfg: JobConfig, task: str, use_gpu: bool, clock):
     run_dir = Path(cfg.run.dir)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "task": task, "startup": clock.state()},
+        train_loop_config={"config": cfg.to_dict(), "task": task_name, "startup": clock.state()},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,
@@ -118,14 +120,13 @@ def start_ray(cfg: JobConfig) -> None:
     address = cfg.cluster.address
     if address is None:
         _loopback_only()
-    import ray
+    import ray  # here, not at the top: _loopback_only sets what Ray reads when it is imported
 
     if ray.is_initialized():
         return
-    # Ray Train's controller polls the workers at this interval; a checkpoint's report() waits
-    # for the next poll. Ray's default (2 s) makes each checkpoint wait ~2 s; polling every 0.1 s
-    # cost the tiny preset 9% of its tokens/s on 2 busy cores (benchmarks/train_throughput.py:
-    # 3390 vs 3703 tokens/s). 1 s: at most ~1 s per checkpoint and nothing measurable per step.
+    # Ray Train's controller polls the workers at this interval and a checkpoint's report() waits
+    # for the next poll: Ray's 2 s default delays every checkpoint, 0.1 s costs tokens/s on busy
+    # cores (benchmarks/train_throughput.py); 1 s keeps both small.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     env = {"TOKENIZERS_PARALLELISM": "false"}
@@ -165,8 +166,6 @@ def _loopback_only() -> None:
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import sys
-
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         constants.ENABLE_RAY_CLUSTER = False
@@ -177,25 +176,17 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if address == "auto":
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as err:
-        raise UserError(
-            f"cluster.address={address}: nothing answers at {host}:{port} within {timeout_s:.0f} s ({err.strerror or err}); "
-            "check the address (Ray Client listens on port 10001) and that the cluster is running"
-        ) from None
+    port = parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+    reachable.check_reachable(f"cluster.address={address}", parsed.hostname, port,
+                              "check the address (Ray Client listens on port 10001) and that the cluster is running", timeout_s)
 
 
 def _gpus_available(cfg: JobConfig) -> bool:
     """Default for cluster.use_gpu: the embedded runtime looks at this machine's CUDA, a cluster
     at its nodes' GPUs (the driver may sit on a CPU-only head)."""
     if cfg.cluster.address is None:
-        import torch
-
         return torch.cuda.is_available()
-    import ray
+    import ray  # loaded by start_ray already
 
     return ray.cluster_resources().get("GPU", 0) > 0
 
@@ -234,10 +225,6 @@ class ProgressBar:
         self._thread.join(timeout=5)
 
     def _follow(self) -> None:
-        import json
-
-        from tqdm import tqdm
-
         bar, offset = None, 0
         while True:
             stopping = self._stop.wait(0.5)

@@ -6,7 +6,7 @@
 tokenizer -> prepare -> pretrain (embedded local Ray, 2 CPU workers, ZeRO-2) -> export to the
 Hugging Face format -> generate, printing where everything is and the validation loss before
 and after pretraining; then a short full SFT and a short LoRA run from the pretrained model and
-the same chat prompts answered before and after (llmtrain/quickstart_finetune.py). Each stage
+the same chat prompts answered before and after (llmtrain/quickstart_sft.py). Each stage
 reuses its output when it is already complete, so a second run goes straight to training (which
 resumes or finishes at once).
 """
@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Optional
 
 from llmtrain.config import load_config
+from llmtrain.data.prepare import prepare
+from llmtrain.data.sample_corpus import write_sample_corpus
+from llmtrain.data.tokenizer_train import train_tokenizer
+from llmtrain.export import export
+from llmtrain.generate import complete
+from llmtrain.launch import launch
+from llmtrain.quickstart_sft import finetune
+from llmtrain.run_summary import print_run_summary
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["The meaning of", "def main(", "In the beginning"]
@@ -34,13 +42,6 @@ def quickstart(
     sft_steps: int = 60,
     sft_data: Optional[str] = None,
 ) -> dict:
-    from llmtrain.data.prepare import prepare
-    from llmtrain.data.sample_corpus import write_sample_corpus
-    from llmtrain.data.tokenizer import train_tokenizer
-    from llmtrain.export import export
-    from llmtrain.launch import launch
-    from llmtrain.report import print_run_summary
-
     out = Path(output).resolve()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -96,7 +97,6 @@ def quickstart(
         print(f"[quickstart] generate {prompt!r} -> {text!r}")
     stage("generate")
 
-    from llmtrain.quickstart_finetune import finetune
 
     tuned = finetune(out, run_dir, inputs, workers, sft_steps, sft_data, stage) if sft_steps > 0 else None
     print("[quickstart] seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -105,6 +105,4 @@ def quickstart(
 
 def sample(model_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> dict[str, str]:
     """Greedy continuations of `prompts` from a Hugging Face-format model directory."""
-    from llmtrain.generate import complete
-
     return dict(zip(prompts, complete(model_dir, prompts, max_new_tokens=max_new_tokens)))

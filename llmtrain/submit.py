@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -42,9 +41,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 from urllib.parse import urlparse
 
+from llmtrain import reachable
+from llmtrain.config import load_config, write_resolved_config
 from llmtrain.errors import UserError
+from llmtrain.tasks import TASKS
 
-TASKS = ("pretrain", "sft")
 DEFAULT_PORT = 8265
 CONNECT_TIMEOUT_S = 3.0
 JOB_CONFIG = "config.yaml"
@@ -87,15 +88,8 @@ def normalize_address(address: Optional[str]) -> str:
 def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """A TCP connection to the Jobs API within `timeout_s`, before any Ray client call."""
     parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
-            pass
-    except OSError as err:
-        reason = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
-        raise UserError(
-            f"--address {url}: nothing answers at {parsed.hostname}:{parsed.port} within {timeout_s:g} s ({reason}); "
-            "check the address (the dashboard port, 8265 by default) and that the cluster is up"
-        ) from None
+    reachable.check_reachable(f"--address {url}", parsed.hostname, parsed.port,
+                              "check the address (the dashboard port, 8265 by default) and that the cluster is up", timeout_s)
 
 
 def connect(address: Optional[str]):
@@ -265,8 +259,6 @@ def submission_id(task: str, run_dir: Path) -> str:
 def submit(config: str, overrides: list[str], address: Optional[str], task: str = "pretrain",
            follow: bool = False, resource_check: bool = True) -> int:
     """Submit `llmtrain TASK CONFIG overrides...` to the cluster; returns the CLI exit status."""
-    from llmtrain.config import load_config, write_resolved_config
-
     if task not in TASKS:
         raise UserError(f"--task {task}: choose one of {', '.join(TASKS)}")
     url = normalize_address(address)

@@ -54,7 +54,7 @@ def corpus_slice(shared_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(corpus_slice, tmp_path_factory) -> Path:
     """Our sentencepiece tokenizer (2,000 tokens) trained on `corpus_slice`."""
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer
 
     return train_tokenizer([str(corpus_slice)], 2000, tmp_path_factory.mktemp("tokenizer") / "tok")
 

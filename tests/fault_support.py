@@ -66,10 +66,11 @@ def env() -> dict[str, str]:
 _MULTI_JOB = """
 import json, sys
 from llmtrain.config import load_config
-from llmtrain.context import exit_process
-from llmtrain.train import run
+from llmtrain.worker import exit_process
+from llmtrain.tasks import get_task
+from llmtrain.train import run_torchrun
 for task, config, overrides in json.loads(sys.argv[1]):
-    run(load_config(config, overrides), task)
+    run_torchrun(load_config(config, overrides), get_task(task))
 exit_process(0)
 """
 

@@ -42,7 +42,7 @@ def tiny_data(base: Path) -> Path:
         data = out / "data"
         if not (data / "manifest.json").is_file():
             from llmtrain.data.prepare import prepare
-            from llmtrain.data.tokenizer import train_tokenizer
+            from llmtrain.data.tokenizer_train import train_tokenizer
 
             corpus = str(CORPUS / "tinystories_val_subset.txt")
             train_tokenizer([corpus], 512, str(out / "tok"))

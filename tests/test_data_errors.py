@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, STORIES260K
+
 from llmtrain.cli import main
 from llmtrain.config import load_config
 from llmtrain.data.loader import TokenLoader

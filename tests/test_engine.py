@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from llmtrain.config import load_config
-from llmtrain.context import WorkerContext
 from llmtrain.engine import batch_layout, deepspeed_config, initialize, param_groups, prepare_deepspeed_runtime
 from llmtrain.errors import UserError
-from llmtrain.model.config import ModelConfig
 from llmtrain.model.decoder import Decoder
+from llmtrain.model.model_config import ModelConfig
 from llmtrain.schedule import lr_multiplier
 from llmtrain.train import train_step
+from llmtrain.worker import WorkerContext
 
 VOCAB, SEQ = 97, 16
 
@@ -108,7 +108,7 @@ def test_loss_and_gradient_are_token_weighted_across_micro_batches(ctx, stage):
     for micro, accum in [(2, 2), (4, 1), (1, 4)]:
         engine, guard, grad_norm = engine_for(stage, micro, accum, small_model())
         grads = capture_grads(engine)
-        loss, n_tokens, finite = train_step(engine, guard, split(b, micro), ctx)
+        loss, n_tokens, finite, _ = train_step(engine, guard, split(b, micro), ctx)
         assert finite and n_tokens == int((b["labels"] != -100).sum())
         results.append((loss, grad_norm(), torch.cat(grads)))
     for loss, norm, grads in results:
@@ -135,7 +135,7 @@ def test_non_finite_loss_skips_the_update_and_keeps_optimizer_state(ctx, stage):
     saved = embed.detach().clone()
     with torch.no_grad():
         embed[bad[1]["input_ids"][0, 0]] = float("nan")  # poisons the second micro-batch only
-    loss, _, finite = train_step(engine, guard, bad, ctx)
+    loss, _, finite, _ = train_step(engine, guard, bad, ctx)
     with torch.no_grad():
         embed.copy_(saved)
     assert not finite and math.isnan(loss)
@@ -146,7 +146,7 @@ def test_non_finite_loss_skips_the_update_and_keeps_optimizer_state(ctx, stage):
     for k, v in state_before.items():
         for name, t in v.items():
             assert torch.equal(t, state_after[k][name]), f"optimizer state {k}.{name} changed on a skipped step"
-    loss, _, finite = train_step(engine, guard, split(batch(4, seed=3), 2), ctx)
+    loss, _, finite, _ = train_step(engine, guard, split(batch(4, seed=3), 2), ctx)
     assert finite and all(torch.isfinite(p).all() for p in engine.module.parameters())
 
 

@@ -7,17 +7,16 @@ import re
 
 import pytest
 import torch
+from conftest import STORIES260K
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from llmtrain.cli import main
 from llmtrain.errors import UserError
 from llmtrain.generate import generate
-from llmtrain.model.config import ModelConfig
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import load_hf_model
-
-from conftest import STORIES260K
+from llmtrain.model.model_config import ModelConfig
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

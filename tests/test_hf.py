@@ -8,15 +8,14 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES260K, need_shared
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.utils import logging as hf_logging
 
 from llmtrain.errors import UserError
-from llmtrain.model.config import ARCHITECTURES, ModelConfig
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import INDEX_FILE, iter_hf_tensors, iter_model_tensors, load_hf_config, load_hf_model, save_hf_checkpoint
-
-from conftest import STORIES260K, need_shared
+from llmtrain.model.model_config import ARCHITECTURES, ModelConfig
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

@@ -21,8 +21,8 @@ import torch
 import kernels
 
 pytest.importorskip("triton")
-from llmtrain.model.config import ModelConfig  # noqa: E402
 from llmtrain.model.decoder import Decoder  # noqa: E402
+from llmtrain.model.model_config import ModelConfig  # noqa: E402
 
 VOCAB, SEQ, BATCH, STEPS = 256, 64, 2, 30
 CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

@@ -10,7 +10,7 @@ import torch
 
 from llmtrain.data.loader import TokenLoader
 from llmtrain.data.prepare import prepare
-from llmtrain.data.sampling import MixtureSchedule, Permutation
+from llmtrain.data.sample_order import MixtureSchedule, Permutation
 from llmtrain.data.shards import open_prepared, split_rows
 from llmtrain.errors import UserError
 

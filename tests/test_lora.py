@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conftest import STORIES260K, SHARED, need_shared
+from conftest import SHARED, STORIES260K, need_shared
 from runtime_support import REPO, llmtrain, losses, ray_jobs
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +49,9 @@ def _ours_with_checkpoint(run: Path):
     from llmtrain.checkpoint import find_latest, read_meta
     from llmtrain.config import LoraSection
     from llmtrain.export import consolidated_tensors
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
     from llmtrain.model.lora import lora_config, resolve_targets
+    from llmtrain.model.model_config import ModelConfig
 
     ckpt = find_latest(run)
     meta = read_meta(ckpt)

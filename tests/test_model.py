@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.errors import UserError
-from llmtrain.model.config import PRESETS, ModelConfig
 from llmtrain.model.decoder import Decoder
+from llmtrain.model.model_config import PRESETS, ModelConfig
 
 
 def small(**overrides) -> ModelConfig:

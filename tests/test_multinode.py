@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_shared
 from fault_support import (
     LORA,

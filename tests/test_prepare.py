@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CORPUS, STORIES260K
+
 from llmtrain.cli import main
 from llmtrain.data.prepare import prepare
 from llmtrain.data.shards import open_prepared, sha256_file, verify

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from runtime_support import llmtrain
 
 REPO = Path(__file__).resolve().parents[1]

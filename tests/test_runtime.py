@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import need_shared
 from runtime_support import llmtrain, losses, ray_jobs, tiny_data, torchrun
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +75,8 @@ def _check_transformers_parity(model_dir: Path, run_dir: Path) -> None:
 
     from llmtrain.checkpoint import find_latest, read_meta
     from llmtrain.export import consolidated_tensors
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
+    from llmtrain.model.model_config import ModelConfig
 
     ckpt = find_latest(run_dir)
     meta = read_meta(ckpt)

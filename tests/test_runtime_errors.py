@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_shared
 from runtime_support import BASE, CONFIG, llmtrain, losses, tiny_data, torchrun
 

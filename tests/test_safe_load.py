@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import need_shared
 from runtime_support import subprocess_env, tiny_data
 

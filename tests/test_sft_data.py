@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import STORIES260K, need_shared
+from runtime_support import tiny_data
+
 from llmtrain.config import load_config
 from llmtrain.data.chat import BUILTIN, ChatTemplate, check_mask, encode_conversations, resolve_template
 from llmtrain.data.sft import Choices, SFTSplit, build_cache, read_meta
-from llmtrain.data.sft_pack import SFTBatches, pack_rows, row_arrays
+from llmtrain.data.sft_batches import SFTBatches, pack_rows, row_arrays
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import UserError
-from runtime_support import tiny_data
 
 CHAT = [
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
@@ -174,8 +174,8 @@ def _pairs_file(path: Path, n: int = 60) -> Path:
 
 
 def _tiny_model(vocab: int):
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
+    from llmtrain.model.model_config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import STORIES260K, need_shared
 from runtime_support import REPO, llmtrain
 
@@ -125,9 +124,9 @@ def test_adapter_saved_for_another_base_model(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
     from llmtrain.model.hf import save_hf_checkpoint
+    from llmtrain.model.model_config import ModelConfig
 
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES260K),

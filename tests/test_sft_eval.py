@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import STORIES260K, need_shared
+
 from llmtrain.config import DataSection
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import need_shared
 from runtime_support import BASE, REPO, subprocess_env, tiny_data, torchrun
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +67,7 @@ def test_full_sft_from_our_run_freezing_and_forgetting_report(pretrained, tmp_pa
     assert report["forgetting"] == pytest.approx(report["after"]["base_val_loss"] - report["before"]["base_val_loss"])
     block = sum(t.numel() for n, t in base.items() if n.startswith("model.layers.0."))
     assert report["params"]["trainable"] == report["params"]["total"] - block
-    from llmtrain.finetune import print_report
+    from llmtrain.tasks.sft import print_report
 
     print_report(out)
     table = capsys.readouterr().out
@@ -79,9 +78,9 @@ def test_full_sft_from_our_run_freezing_and_forgetting_report(pretrained, tmp_pa
 def test_layer_wise_lr_decay_and_freezing_select_parameters():
     from llmtrain.config import load_config
     from llmtrain.engine import param_groups
-    from llmtrain.finetune import select_trainable
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
+    from llmtrain.model.model_config import ModelConfig
+    from llmtrain.tasks.sft import select_trainable
 
     mc = ModelConfig.from_preset("tiny", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                  num_attention_heads=4, num_key_value_heads=2)
@@ -111,7 +110,7 @@ def test_chat_tuned_model_stops_at_the_end_of_turn(pretrained, tmp_path):
     from transformers import AutoTokenizer
 
     from llmtrain.export import export
-    from llmtrain.generate import _eos_ids, generate
+    from llmtrain.generate import eos_ids, generate
     from llmtrain.model.hf import load_hf_model
 
     run, _ = pretrained
@@ -125,7 +124,7 @@ def test_chat_tuned_model_stops_at_the_end_of_turn(pretrained, tmp_path):
     model_dir = export(out, tmp_path / "export")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
-    eos = _eos_ids(model_dir, None, None)
+    eos = eos_ids(model_dir, None, None)
     assert end in eos and tokenizer.eos_token_id in eos
     tuned, base = load_hf_model(model_dir), load_hf_model(out / "base")
     for question, _ in QA[:3]:

@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import CORPUS, STORIES260K, need_shared
+
 from llmtrain.data.tokenizer import MARKER, load_tokenizer
 from llmtrain.data.tokenizer_train import CHAT_TOKENS
 from llmtrain.errors import UserError
@@ -103,7 +103,7 @@ def test_encode_documents_wraps_and_splits_long_texts_exactly(small_tokenizer):
 
 
 def test_rerun_is_noop_and_other_output_refused(small_tokenizer, corpus_slice, tmp_path, capfd):
-    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.data.tokenizer_train import train_tokenizer
 
     before = (small_tokenizer / "tokenizer.model").stat().st_mtime_ns
     assert train_tokenizer([str(corpus_slice)], 2000, small_tokenizer) == small_tokenizer

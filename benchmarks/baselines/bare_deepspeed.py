@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from baseline_common import (
     StepClock,
     TokenRows,

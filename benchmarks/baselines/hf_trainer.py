@@ -19,7 +19,6 @@ import os
 import tempfile
 
 import torch.distributed as dist
-
 from baseline_common import StepClock, TokenRows, avoid_deepspeed_jit, build_model, parse_args, write_result, zero_config
 
 

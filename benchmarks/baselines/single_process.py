@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from baseline_common import StepClock, TokenRows, build_model, lr_lambda, param_groups, parse_args, write_result
 
 
@@ -26,8 +25,8 @@ def llmtrain_model(data: Path, seed: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import json
 
-    from llmtrain.model.config import ModelConfig
     from llmtrain.model.decoder import Decoder
+    from llmtrain.model.model_config import ModelConfig
 
     torch.manual_seed(seed)
     return Decoder(ModelConfig.from_hf_config(json.loads((data / "config.json").read_text())))

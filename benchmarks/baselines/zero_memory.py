@@ -140,7 +140,7 @@ def count_model_states(engine, model: torch.nn.Module, stage: int) -> dict:
 def measure(stage: int, data: Path, micro_batch: int, global_batch: int, ctx, persistence: int | None = None) -> dict:
     from llmtrain.config import load_config
     from llmtrain.engine import batch_layout, build_model, deepspeed_config, initialize
-    from llmtrain.tasks import build_task
+    from llmtrain.tasks.pretrain import PretrainTask
     from llmtrain.train import train_step
 
     overrides = [f"data.path={data}", f"zero.stage={stage}", "train.precision=fp32", "cluster.use_gpu=false",
@@ -149,7 +149,7 @@ def measure(stage: int, data: Path, micro_batch: int, global_batch: int, ctx, pe
     cfg = load_config(CONFIG, overrides)
     layout = batch_layout(cfg, ctx.world_size)
     torch.manual_seed(cfg.run.seed)
-    task = build_task("pretrain", cfg, layout, ctx)
+    task = PretrainTask().build(cfg, layout, ctx)
     ds_config = deepspeed_config(cfg, layout, "fp32", on_gpu=False)
     if persistence is not None and stage == 3:  # what-if: another persistence threshold than llmtrain's
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
@@ -184,8 +184,8 @@ def main() -> None:
     args = p.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from llmtrain.context import WorkerContext
     from llmtrain.engine import prepare_deepspeed_runtime
+    from llmtrain.worker import WorkerContext
 
     ctx = WorkerContext.start(use_gpu=False)
     prepare_deepspeed_runtime(on_gpu=False)

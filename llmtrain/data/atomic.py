@@ -1,4 +1,5 @@
-"""Complete-or-absent output directories: build in a hidden sibling temp dir, rename when done.
+"""Complete-or-absent outputs: files and directories are built under a hidden sibling temp name
+and renamed when done.
 
     with atomic_dir(Path("data/tiny"), replace=force) as tmp:
         (tmp / "manifest.json").write_text(...)
@@ -10,12 +11,13 @@ removed on failure, so an interrupted or failed run leaves nothing half-written.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from llmtrain.errors import UserError
 
@@ -59,3 +61,21 @@ def _commit(tmp: Path, target: Path, replace: bool) -> None:
     os.rename(target, old / target.name)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temp file beside it and a rename: readers see the old
+    file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")

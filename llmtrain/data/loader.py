@@ -9,7 +9,7 @@
     loader.load_state_dict(state)                # O(1): the next batch is the one that followed
 
 Order. All rows of the split form the epoch; sample g of the stream (g = epoch * rows + cursor)
-is row perm(seed, epoch)(cursor) - a seeded permutation, `llmtrain.data.sampling` - or row g
+is row perm(seed, epoch)(cursor) - a seeded permutation, `llmtrain.data.sample_order` - or row g
 mod rows with `shuffle=False`. A step consumes one global batch of micro_batch_size x
 grad_accum x world_size consecutive samples; rank r takes its contiguous share of it, split into
 grad_accum micro-batches. Everything is a pure function of (seed, g), so resuming after k steps
@@ -39,7 +39,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from llmtrain.data.sampling import MixtureSchedule, Permutation, derive_key
+from llmtrain.data.sample_order import MixtureSchedule, Permutation, derive_key
 from llmtrain.data.shards import Prepared, Split, open_prepared
 from llmtrain.errors import UserError
 

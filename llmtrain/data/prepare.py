@@ -11,7 +11,7 @@ The pipeline, in input order (so the output does not depend on the number of wor
    `tokenizers` pool for a Hugging Face tokenizer), in a background thread so reading and
    cleaning the next batch overlaps with it; each document becomes [BOS] tokens [EOS],
 5. pack each split's stream into rows of exactly `seq_len` and write shards
-   (llmtrain.data.packing, format in llmtrain.data.shards) plus `manifest.json` and a copy of
+   (llmtrain.data.shard_writer, format in llmtrain.data.shards) plus `manifest.json` and a copy of
    the tokenizer into a temp directory that is renamed to `output` when complete.
 Invalid UTF-8 in text files is replaced with U+FFFD and counted (reported, and in the manifest).
 A rerun with the same inputs (paths, sizes, mtimes) and settings is a no-op unless `force`.
@@ -34,8 +34,8 @@ from tqdm import tqdm
 import llmtrain
 from llmtrain.data.atomic import atomic_dir, is_empty_dir
 from llmtrain.data.clean import CleanStats, clean_text, content_hash, is_val
-from llmtrain.data.packing import SplitWriter
 from llmtrain.data.readers import expand_inputs, iter_documents
+from llmtrain.data.shard_writer import SplitWriter
 from llmtrain.data.shards import (
     MANIFEST,
     SCHEMA_VERSION,

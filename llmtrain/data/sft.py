@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: records -> conversations -> masked token ids, packed, cached.
 
     cache = build_cache(cfg.data, tokenizer, template, seq_len, seed=0, root=Path("runs/x/sft-cache"))
-    split = SFTSplit(cache, "train")          # memory-mapped; SFTBatches (sft_pack.py) serves it
+    split = SFTSplit(cache, "train")          # memory-mapped; SFTBatches (sft_batches.py) serves it
 
 Records are read with `datasets` (JSON Lines, JSON arrays, Parquet; a file, a directory or a
 glob) and become conversations (llmtrain/data/chat.py renders and masks them):
@@ -39,7 +39,7 @@ import numpy as np
 
 from llmtrain.data.atomic import atomic_dir
 from llmtrain.data.chat import ROLES, ChatTemplate, TemplateError, check_mask, encode_conversations
-from llmtrain.data.sft_pack import pack_rows
+from llmtrain.data.sft_batches import pack_rows
 from llmtrain.errors import UserError
 
 CACHE_VERSION = 1
@@ -332,7 +332,7 @@ def _write_split(tmp: Path, name: str, split: dict, seq_len: int, packing: bool)
             "no_target": split["no_target"], "read": split["read"]}
 
 
-def make_choices(records, order, kept, data, tokenizer, template, seq_len, label_words, where) -> Optional["Choices"]:
+def make_choices(records, order, kept, data, tokenizer, template, seq_len, label_words, where) -> Optional[Choices]:
     """Labelled validation: each kept example rendered once per label word, gold = its label's
     index (examples whose rendering does not fit seq_len, or whose label is unknown, are left out)."""
     labels = list(label_words)
@@ -398,7 +398,7 @@ class SFTSplit:
     rows: np.ndarray  # [rows + 1] example offsets
 
     @classmethod
-    def open(cls, cache: Path, name: str) -> Optional["SFTSplit"]:
+    def open(cls, cache: Path, name: str) -> Optional[SFTSplit]:
         cache = Path(cache)
         if not (cache / f"{name}_rows.npy").is_file():
             return None
@@ -427,7 +427,7 @@ class Choices:
     labels: list[str]
 
     @classmethod
-    def open(cls, cache: Path) -> Optional["Choices"]:
+    def open(cls, cache: Path) -> Optional[Choices]:
         cache = Path(cache)
         meta = read_meta(cache)
         if "choices" not in meta or not meta["choices"]["examples"]:

@@ -317,17 +317,3 @@ def resolve_tokenizer_dir(path: str | os.PathLike) -> Path:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Our tokenizer dir, a Hugging Face checkpoint dir, or a dir with a `tokenizer/` inside."""
     return Tokenizer(resolve_tokenizer_dir(path))
-
-
-def train_tokenizer(
-    inputs: Sequence[str],
-    vocab_size: int,
-    output: str | os.PathLike,
-    max_sentences: int = 2_000_000,
-    threads: Optional[int] = None,
-    text_column: str = "text",
-) -> Path:
-    """Train our sentencepiece BPE tokenizer (see `llmtrain.data.tokenizer_train`)."""
-    from llmtrain.data.tokenizer_train import train
-
-    return train(inputs, vocab_size, output, max_sentences=max_sentences, threads=threads, text_column=text_column)

@@ -1,7 +1,7 @@
 """Train our tokenizer: sentencepiece BPE with byte fallback, written with the Hugging Face files.
 
     llmtrain tokenizer --input ../shared/data/corpus --vocab-size 8000 --output tok/
-    train(["corpus/"], 8000, "tok/")  # the same from Python
+    train_tokenizer(["corpus/"], 8000, "tok/")  # the same from Python
 
 Training text: the inputs are read and cleaned as `prepare` does (llmtrain.data.readers/clean);
 each non-empty line of a document is one sentencepiece sentence (lines longer than 4,000
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from llmtrain.data.atomic import atomic_dir, is_empty_dir
 from llmtrain.data.clean import CleanStats, clean_text
+from llmtrain.data.hf_tokenizer import write_hf_files
 from llmtrain.data.readers import expand_inputs, iter_documents
 from llmtrain.data.tokenizer import MARKER, load_tokenizer
 from llmtrain.errors import UserError
@@ -52,7 +53,7 @@ def input_signature(files: Sequence[Path]) -> list[dict]:
     return out
 
 
-def train(
+def train_tokenizer(
     inputs: Sequence[str],
     vocab_size: int,
     output: str | os.PathLike,
@@ -60,6 +61,8 @@ def train(
     threads: Optional[int] = None,
     text_column: str = "text",
 ) -> Path:
+    """Train our sentencepiece BPE tokenizer on `inputs` into `output` (reused when the inputs and
+    settings are unchanged)."""
     if vocab_size < MIN_VOCAB:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 ids; use at least {MIN_VOCAB}")
     if max_sentences < 1:
@@ -86,7 +89,6 @@ def train(
     with atomic_dir(out) as tmp:
         _train_sentencepiece(sentences, tmp / "tokenizer", vocab_size, threads)
         (tmp / "tokenizer.vocab").unlink(missing_ok=True)
-        from llmtrain.data.hf_tokenizer import write_hf_files
 
         write_hf_files(tmp / "tokenizer.model", tmp)
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")

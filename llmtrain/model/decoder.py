@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from llmtrain.errors import UserError
-from llmtrain.model.config import ModelConfig
+from llmtrain.model.model_config import ModelConfig
 
 
 class Linear(nn.Linear):

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmtrain.errors import UserError
-from llmtrain.model.config import ModelConfig
 from llmtrain.model.decoder import Decoder
+from llmtrain.model.model_config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -2,7 +2,7 @@
 merge them.
 
     apply_lora(model, cfg.lora, model_config)          # in place; only adapter params train
-    state = adapter_state(model, zero_stage, rank)     # rank 0: PEFT-keyed tensors (ZeRO-3 gathered)
+    state = peft_adapter_state(model, tensors)         # PEFT keys (tensors: engine.trainable_state)
     write_adapter(state, lora_config, "out/adapter", base="ckpt/")   # adapter_model.safetensors + adapter_config.json
     load_adapter(model, "out/adapter")                 # checked against the base, then loaded
 
@@ -12,9 +12,8 @@ AutoModelForCausalLM.from_pretrained(base), adapter_dir)` reads the adapters we 
 Target modules (`lora.target_modules`): each entry is a module name or dotted suffix
 ("q_proj", "self_attn.o_proj") or a regular expression over full module names
 (r"model\\.layers\\.[0-3]\\..*_proj"); each must match at least one Linear (or, untied, the
-embedding). They resolve to the exact list of module names given to peft. Under ZeRO-3 every
-parameter is partitioned: `adapter_state` gathers the adapter before reading it, since reading
-partitions writes (0,)-shaped tensors (../shared/NOTES-cpu.md).
+embedding). They resolve to the exact list of module names given to peft. Nothing here knows
+about ZeRO: under ZeRO-3 the caller gathers the adapter first (llmtrain/engine.py).
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
+from llmtrain.model.decoder import Decoder
 
 PREFIX = "base_model.model."  # what PeftModel adds in front of the base model's names
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -101,34 +102,15 @@ def apply_lora(model: nn.Module, section, tied: bool, seed: int = 0):
     return config
 
 
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; full sizes under ZeRO-3 (`ds_numel`), shared ones once."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = int(getattr(p, "ds_numel", p.numel()))
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
-
-
-def adapter_state(model: nn.Module, zero_stage: int, rank: int) -> Optional[dict[str, torch.Tensor]]:
-    """The trained adapter as PEFT saves it (keys `base_model.model.<module>.lora_A.weight`, ...),
-    on rank 0 (None elsewhere). Every rank must call it: under ZeRO-3 it gathers the partitions."""
+def peft_adapter_state(model: nn.Module, tensors: Optional[dict[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    """The adapter as PEFT saves it (keys `base_model.model.<module>.lora_A.weight`, ...) from
+    `tensors`, the adapted model's trainable parameters by name (None passes through)."""
     from peft import get_peft_model_state_dict
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    local: dict[str, torch.Tensor] = {}
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            if rank == 0:
-                local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
-    elif rank == 0:
-        local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
-    if rank != 0:
+    if tensors is None:
         return None
-    return {PREFIX + k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=local, save_embedding_layers=False).items()}
+    state = get_peft_model_state_dict(model, state_dict=tensors, save_embedding_layers=False)
+    return {PREFIX + k: v.contiguous() for k, v in state.items()}
 
 
 def write_adapter(state: dict[str, torch.Tensor], config, output: Path, base: Optional[str],
@@ -137,7 +119,6 @@ def write_adapter(state: dict[str, torch.Tensor], config, output: Path, base: Op
     checked before anything is written (a partitioned tensor would be (0,))."""
     from safetensors.torch import save_file
 
-    from llmtrain.data.atomic import atomic_dir
 
     if expected is not None:
         for name, tensor in state.items():
@@ -159,15 +140,15 @@ def expected_shapes(model_config, config) -> dict[str, tuple]:
     """PEFT key -> shape of each adapter tensor for `model_config` (built on the meta device)."""
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
-    from llmtrain.model.decoder import Decoder
 
     with torch.device("meta"):
         model = Decoder(model_config)
-        inject_adapter_in_model(_copy(config), model)
+        inject_adapter_in_model(copy_config(config), model)
     return {PREFIX + k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
-def _copy(config):
+def copy_config(config):
+    """A fresh LoraConfig with the same settings (peft mutates the one it injects)."""
     from peft import LoraConfig
 
     return LoraConfig(**{k: v for k, v in config.to_dict().items() if k in LoraConfig.__dataclass_fields__})
@@ -231,56 +212,14 @@ def merged_model(model_config, tensors, lora_cfg) -> nn.Module:
     parameter of the adapted model, named as in training (e.g. a consolidated checkpoint)."""
     from peft.tuners.lora import LoraModel
 
-    from llmtrain.model.decoder import Decoder
 
     with torch.device("meta"):
         model = Decoder(model_config)
     model = model.to_empty(device="cpu")
     model.tie_weights()
-    tuner = LoraModel(model, _copy(lora_cfg), "default")
+    tuner = LoraModel(model, copy_config(lora_cfg), "default")
     missing, unexpected = tuner.model.load_state_dict(dict(tensors), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model_config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"checkpoint does not match its LoRA model ({(missing or unexpected)[0]}); the checkpoint is damaged")
     return tuner.merge_and_unload().eval()
-
-
-def export_lora(ckpt: Path, meta: dict, model_config, output: Path, merge: bool, tokenizer_dir: Optional[Path],
-                base: Optional[str]) -> Path:
-    """A LoRA run's checkpoint -> its PEFT adapter directory, or (`merge`) a merged Hugging Face
-    model directory. Tensors come from the consolidated checkpoint (any ZeRO stage)."""
-    from llmtrain.config import LoraSection
-    from llmtrain.export import consolidated_tensors
-
-    section = LoraSection.model_validate(meta["config"]["lora"])
-    from llmtrain.model.decoder import Decoder
-
-    with torch.device("meta"):
-        targets = resolve_targets(Decoder(model_config), section, model_config.tie_word_embeddings)
-    config = lora_config(section, targets)
-    tensors = consolidated_tensors(ckpt, meta["zero_stage"])
-    if merge:
-        from llmtrain.data.atomic import atomic_dir
-        from llmtrain.model.hf import save_hf_checkpoint
-
-        model = merged_model(model_config, tensors, config)
-        with atomic_dir(output) as tmp:
-            save_hf_checkpoint(model.state_dict().items(), model_config, tmp / "model", overwrite=True)
-            for f in (tmp / "model").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "model").rmdir()
-            if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-                for f in Path(tokenizer_dir).iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-        return Path(output)
-    from peft import get_peft_model_state_dict, inject_adapter_in_model
-
-    with torch.device("meta"):
-        shell = Decoder(model_config)
-        inject_adapter_in_model(_copy(config), shell)
-    wanted = {n for n, p in shell.named_parameters() if p.requires_grad}
-    state = {n: t for n, t in tensors if n in wanted}
-    peft_state = {PREFIX + k: v.contiguous() for k, v in
-                  get_peft_model_state_dict(shell, state_dict=state, save_embedding_layers=False).items()}
-    return write_adapter(peft_state, config, output, base, tokenizer_dir, expected=expected_shapes(model_config, config))

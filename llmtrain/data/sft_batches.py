@@ -12,7 +12,7 @@ attention stays inside each example exactly as for pretraining's packed document
 `labels[t]` is token t+1 when that token is an assistant token of the same example, else -100.
 
 Sample order is the pretraining loader's: the global sample g is row perm(seed, epoch)(g mod
-rows) with the seeded permutation of `llmtrain.data.sampling`, a step takes one global batch of
+rows) with the seeded permutation of `llmtrain.data.sample_order`, a step takes one global batch of
 consecutive samples and rank r its contiguous share, so the state is (seed, g) and resume is O(1).
 `wrap=False` (validation) serves each row once and pads the last step with empty rows (no
 supervised tokens), so every rank runs the same number of forward passes (ZeRO-3 needs that).
@@ -24,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from llmtrain.data.sampling import Permutation, derive_key
+from llmtrain.data.sample_order import Permutation, derive_key
+from llmtrain.errors import UserError
 
 IGNORE = -100
 
@@ -98,8 +99,6 @@ class SFTBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "sft" or state.get("rows") != self.num_rows:
-            from llmtrain.errors import UserError
-
             raise UserError(f"the checkpoint's data position ({state}) is not from this SFT data ({self.num_rows} rows); "
                             "resume with the same data and data settings, or use a new run.dir")
         self.seed, self._sample = int(state["seed"]), int(state["sample"])

@@ -125,14 +125,14 @@ class ModelConfig:
     # Presets and plain-dict form
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (`PRESETS`), with fields overridden, e.g. `from_preset("tiny", vocab_size=512)`."""
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -176,7 +176,7 @@ class ModelConfig:
     # Hugging Face config.json
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
         """Read a `config.json` dict (transformers v4 or v5 spelling) of a supported family."""
         family = hf.get("model_type")
         if family not in FAMILIES:

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from llmtrain.checkpoint import find_latest
 from llmtrain.errors import UserError
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -105,8 +106,6 @@ def _death(err: BaseException) -> Optional[str]:
 
 
 def _resume_hint(run_dir: Path) -> str:
-    from llmtrain.checkpoint import find_latest
-
     try:
         latest = find_latest(run_dir)
     except OSError:

@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llmtrain.config import load_config
+from llmtrain.data.clean import CleanStats
+from llmtrain.data.readers import expand_inputs, iter_documents
+from llmtrain.evaluate import generations, load_model
+from llmtrain.export import export
+from llmtrain.launch import launch
+from llmtrain.tasks.sft import print_report
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,9 +32,6 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def continue_dataset(inputs: list[str], output: Path, examples: int = 2000, seed: int = 0) -> tuple[Path, list[str]]:
     """JSONL prompt/response pairs "Continue: <6-10 words>" -> "<the next 4-8 words>" from the
     corpus; returns the file and two held-out prompts (passages not in the training set)."""
-    from llmtrain.data.clean import CleanStats
-    from llmtrain.data.readers import expand_inputs, iter_documents
-
     rng = random.Random(seed)
     pairs: list[tuple[str, str]] = []
     for path in expand_inputs(inputs):
@@ -52,11 +55,6 @@ def continue_dataset(inputs: list[str], output: Path, examples: int = 2000, seed
 def finetune(out: Path, pretrain_run: Path, inputs: list[str], workers: int, steps: int, sft_data: Optional[str],
              stage: Callable[[str], None]) -> dict:
     """Full SFT and LoRA from `pretrain_run`, their reports, and before/after chat generations."""
-    from llmtrain.evaluate import generations, load_model
-    from llmtrain.export import export
-    from llmtrain.finetune import print_report
-    from llmtrain.launch import launch
-
     if sft_data is None:
         data, prompts = continue_dataset(inputs, out / "sft-data" / "continue.jsonl")
         print(f"[quickstart] instruction data from the corpus: {data} ('Continue: <passage>' -> the next words)")

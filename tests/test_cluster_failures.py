@@ -1,4 +1,4 @@
-"""How the driver ends a job the cluster failed (llmtrain/failures.py), without a cluster: Ray
+"""How the driver ends a job the cluster failed (llmtrain/cluster_failures.py), without a cluster: Ray
 Train's own exception types carrying the messages measured on the two-node cluster
 (tests/test_multinode.py runs the real thing)."""
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
+from llmtrain.cluster_failures import START_TIMEOUT_ENV, ClusterFailure, explain, failure_settings, forget_previous_run
 from llmtrain.config import load_config
-from llmtrain.failures import START_TIMEOUT_ENV, ClusterFailure, explain, failure_settings, forget_previous_run
 
 # What Ray reported on the two-node cluster (tests/test_multinode.py), shortened.
 NODE_DIED = (

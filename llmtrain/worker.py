@@ -14,10 +14,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
+
+from llmtrain.errors import UserError
 
 
 @dataclass
@@ -37,7 +39,7 @@ class WorkerContext:
         return self.device.type == "cuda"
 
     @staticmethod
-    def start(use_gpu: Optional[bool] = None) -> "WorkerContext":
+    def start(use_gpu: Optional[bool] = None) -> WorkerContext:
         in_ray = _in_ray_train_worker()
         if in_ray:
             import ray.train
@@ -61,6 +63,25 @@ class WorkerContext:
         if not dist.is_initialized():
             _init_process_group(rank, world, "nccl" if device.type == "cuda" else "gloo")
         return WorkerContext(rank=rank, world_size=world, local_rank=local, device=device, in_ray=in_ray)
+
+    @staticmethod
+    def single_process(device: str = "cpu") -> WorkerContext:
+        """One process, no process group (e.g. `llmtrain eval`): collectives are identities."""
+        return WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device(device), in_ray=False)
+
+    def run_on_main(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on rank 0 while the other ranks wait; a UserError there stops every rank."""
+        error: Optional[UserError] = None
+        if self.is_main:
+            try:
+                fn()
+            except UserError as err:
+                error = err
+        (failed,) = self.all_reduce_sum([1.0 if error is not None else 0.0])
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError("rank 0 failed to prepare the task's inputs (its error is printed above); fix that and rerun")
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -120,9 +141,8 @@ def exit_process(code: int) -> NoReturn:
     """End a process that trained under torchrun or alone: flush, then leave without interpreter
     finalisation when a process group is alive. torch 2.13 can abort there (SIGABRT, "terminate
     called without an active exception", pytorch/pytorch#190489): gloo and autograd threads
-    release tensors while the interpreter is being torn down. We saw it in 4 of 162 two-rank
-    torchrun runs. Everything we write is closed and renamed before this point; Ray Train
-    workers end through Ray and never get here."""
+    release tensors while the interpreter is being torn down. Everything we write is closed and
+    renamed before this point; Ray Train workers end through Ray and never get here."""
     if not dist.is_initialized():
         sys.exit(code)
     import logging

@@ -1,0 +1,57 @@
+"""The `pretrain` task: next-token prediction on prepared token shards (`llmtrain prepare`).
+
+    llmtrain pretrain configs/tiny-pretrain.yaml data.path=data/ run.dir=runs/tiny
+    llmtrain pretrain configs/tiny-pretrain.yaml data.path=domain/ model.from=runs/tiny   # continued
+
+`data.path` (or a weighted `data.mixture`) is read by the deterministic, rank-sharded loader
+(llmtrain/data/loader.py); the model is `model.preset` at random init, or the weights of
+`model.from` (a Hugging Face directory) for continued pretraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from llmtrain.config import JobConfig
+from llmtrain.data.loader import TokenLoader
+from llmtrain.engine import Layout
+from llmtrain.errors import UserError
+from llmtrain.tasks.base import Batches, Plan, Task, TaskData, model_source
+from llmtrain.worker import WorkerContext
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def prepare(self, cfg: JobConfig, layout: Layout) -> Plan:
+        train = self._loader(cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size)
+        model_config, _ = model_source(cfg, train.vocab_size, train.seq_len)
+        return Plan(model_config)
+
+    def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
+        self._val = None
+        train = self._loader(cfg, "train", True, layout.grad_accum, ctx.rank, ctx.world_size, layout.micro_batch_size)
+        if train.has_split("val"):
+            # val_batches global batches, split over ranks like training: the same rows at any world size
+            self._val = (cfg, cfg.train.val_batches * layout.grad_accum, ctx.rank, ctx.world_size, layout.micro_batch_size)
+        model_config, weights = model_source(cfg, train.vocab_size, train.seq_len)
+        return TaskData(model_config, train, train.seq_len, Path(train.tokenizer_dir), weights)
+
+    def validation(self) -> Optional[Batches]:
+        if self._val is None:
+            return None
+        cfg, grad_accum, rank, world, micro = self._val
+        return self._loader(cfg, "val", False, grad_accum, rank, world, micro)
+
+    @staticmethod
+    def _loader(cfg: JobConfig, split: str, shuffle: bool, grad_accum: int, rank: int, world: int, micro: int) -> TokenLoader:
+        sources: Union[str, list[tuple[str, float]]]
+        if cfg.data.mixture:
+            sources = [(str(m.path), m.weight) for m in cfg.data.mixture]
+        elif cfg.data.path is not None:
+            sources = str(cfg.data.path)
+        else:
+            raise UserError("no training data: set data.path=PREPARED_DIR (from `llmtrain prepare`) or data.mixture")
+        return TokenLoader(sources, split=split, micro_batch_size=micro, grad_accum=grad_accum, rank=rank, world_size=world,
+                           seed=cfg.run.seed, shuffle=shuffle)
