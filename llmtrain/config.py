@@ -62,15 +62,22 @@ class DataSection(Section):
     mixture: list[MixtureEntry] = Field(default_factory=list)
     """Pretraining alternative to `path`: several prepared directories with sampling weights."""
 
-    # SFT only (`llmtrain sft`; llmtrain/data/sft.py): how records become training examples.
-    format: Literal["auto", "chat", "pairs", "labelled"] = "auto"
+    # SFT (`llmtrain sft`; llmtrain/data/sft.py) and preference data (llmtrain/data/preference.py):
+    # how records become training examples.
+    format: Literal["auto", "chat", "pairs", "labelled", "preference"] = "auto"
     """chat: {"messages": [{"role", "content"}, ...]}; pairs: prompt/response fields; labelled:
-    text/label fields turned into prompt -> label word by `template`; auto: from the first record."""
+    text/label fields turned into prompt -> label word by `template`; auto: from the first record.
+    preference (`llmtrain dpo`; llmtrain/data/preference.py): a prompt (or `messages`) with a
+    chosen and a rejected answer; preference data reads only this format (auto means it too)."""
     messages_field: str = "messages"
     prompt_field: str = "prompt"
     response_field: str = "response"
     text_field: str = "text"
     label_field: str = "label"
+    chosen_field: str = "chosen"
+    """preference: the preferred answer (a string, one {role, content} message or a list of them)."""
+    rejected_field: str = "rejected"
+    """preference: the dispreferred answer, in the same forms as `chosen_field`."""
     template: Optional[str] = None
     """Prompt built from a record's fields (Python format syntax), e.g. "Review: {text}\nSentiment:"."""
     label_words: Optional[dict[str, str]] = None
@@ -87,6 +94,10 @@ class DataSection(Section):
     """Several examples per row (attention stays inside each); false: one padded example per row."""
     truncation: Literal["error", "drop", "truncate"] = "error"
     """Examples longer than seq_len: stop with their count, drop them, or cut them to seq_len."""
+    pair_truncation: Literal["prompt_first", "drop", "error"] = "prompt_first"
+    """preference: a pair's chosen + rejected sequences share one row, so together they must fit
+    seq_len. prompt_first: cut the prompt from the left (down to seq_len/4 tokens per sequence),
+    then the answers from the right; drop: drop such pairs; error: stop with their count."""
     max_examples: Optional[int] = Field(default=None, ge=1)
     """Train on a seeded random subset of this many examples."""
     val_path: Optional[Path] = None
@@ -218,6 +229,42 @@ class FinetuneSection(Section):
         return None if path is None else Path(path).expanduser().resolve()
 
 
+class DpoSection(Section):
+    """Preference tuning (`llmtrain dpo`): the loss of llmtrain/tasks/dpo_loss.py and its reference.
+
+    h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) for the chosen y_w
+    and rejected y_l (log-probabilities summed over the answer); the reference is the starting
+    model, frozen."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """How far the policy may move from the reference: higher beta means less deviation (DPO,
+    Rafailov et al. 2023, https://arxiv.org/abs/2305.18290). For ipo it is the regularisation
+    tau of the IPO paper; for simpo the reward scale (SimPO's settings are much larger than DPO's)."""
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta h). ipo: (h_avg - 1/(2 beta))^2, h on per-token averaged log-ratios,
+    as TRL does (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17). simpo: reference-free,
+    -log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - simpo_gamma) (Meng et al. 2024,
+    https://arxiv.org/abs/2405.14734)."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """sigmoid/simpo: the probability that a preference label is flipped; > 0 gives conservative
+    DPO, -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (cDPO, Mitchell 2023,
+    https://ericmitchell.ai/cdpo.pdf). Not defined for ipo."""
+    simpo_gamma: float = Field(default=0.5, ge=0)
+    """simpo: the target reward margin gamma (TRL's `simpo_gamma`, same default)."""
+    precompute_reference: bool = False
+    """Score the training pairs with the reference once before training and keep only those
+    log-probabilities, so no reference model is held during training (sigmoid/ipo)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DpoSection:
+        if self.label_smoothing > 0 and self.loss_type == "ipo":
+            raise ValueError("label_smoothing is not defined for loss_type=ipo; set dpo.label_smoothing=0 or use sigmoid/simpo")
+        if self.precompute_reference and self.loss_type == "simpo":
+            raise ValueError("simpo uses no reference model, so there is nothing to precompute; "
+                             "set dpo.precompute_reference=false")
+        return self
+
+
 class JobConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -229,6 +276,7 @@ class JobConfig(Section):
     kernels: KernelsSection = Field(default_factory=KernelsSection)
     lora: Optional[LoraSection] = None
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    dpo: Optional[DpoSection] = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -7,6 +7,7 @@ ops go through the `kernels` dispatch point only; the model holds no parallelism
     model = Decoder(ModelConfig.from_preset("tiny", vocab_size=8000))
     logits = model(input_ids)                                   # [B, L, V]
     loss_sum = model(input_ids, position_ids, labels=labels)    # fp32 sum over labels != -100
+    token_ce = model(input_ids, position_ids, labels=labels, reduction="none")  # [B, L], 0 where -100
 
 Packed rows: `position_ids` restart at 0 at each document start; attention never crosses a
 document boundary (document ids = cumsum(position_ids == 0) go to `kernels.attention`).
@@ -208,9 +209,10 @@ class Backbone(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Output projection. With labels it returns the summed cross-entropy computed in this
-    module's own forward (so ZeRO-3, which gathers a module's parameters when it is called,
-    gathers the weight here; when tied, `weight` is the embedding's Parameter itself)."""
+    """Output projection. With labels it returns the summed cross-entropy (or, with
+    reduction="none", each token's, shaped like labels) computed in this module's own forward
+    (so ZeRO-3, which gathers a module's parameters when it is called, gathers the weight here;
+    when tied, `weight` is the embedding's Parameter itself)."""
 
     def __init__(self, config: ModelConfig, tied_weight: Optional[nn.Parameter] = None):
         super().__init__()
@@ -220,12 +222,12 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
             nn.init.normal_(self.weight, mean=0.0, std=config.initializer_range)
 
-    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
         if labels is None:
             return F.linear(hidden, self.weight)
         h = hidden.reshape(-1, hidden.shape[-1])
-        loss = kernels.fused_linear_cross_entropy(h, self.weight, labels.reshape(-1), ignore_index=-100, reduction="sum")
-        return loss.float()
+        loss = kernels.fused_linear_cross_entropy(h, self.weight, labels.reshape(-1), ignore_index=-100, reduction=reduction)
+        return loss.view(labels.shape).float() if reduction == "none" else loss.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +241,10 @@ class Decoder(nn.Module):
       - position_ids [B, L] (or [L]) restart at 0 at each document start; None = 0..L-1
         (continuing from `kv_cache.length` when a cache is given) and no document mask.
       - labels None: logits [B, L, V]. labels [B, L] int64 (-100 = ignore): the fp32 SUM of
-        the cross-entropies of supervised tokens (the trainer divides by the global count).
+        the cross-entropies of supervised tokens (the trainer divides by the global count);
+        with reduction="none" each token's cross-entropy, fp32 [B, L], 0 where the label is -100
+        (its negative is log p(label), which preference losses sum per sequence), through the
+        same chunked kernel, so the [B, L, V] logits are never materialised either.
     """
 
     def __init__(self, config: ModelConfig):
@@ -261,7 +266,8 @@ class Decoder(nn.Module):
         return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                reduction: str = "sum") -> torch.Tensor:
         B, L = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.length
         doc_ids = None
@@ -285,7 +291,7 @@ class Decoder(nn.Module):
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.length += L
-        return self.lm_head(x, labels)
+        return self.lm_head(x, labels, reduction)
 
     def _check_span(self, span: int, kv_cache: Optional[KVCache]) -> None:
         window = self.config.sliding_window
