@@ -118,13 +118,22 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 @command("sft", "supervised fine-tuning, full or LoRA (a lora: section), of a run or a released checkpoint", _config_args)
 def _sft(args: argparse.Namespace) -> None:
+    _finetune("sft", args)
+
+
+@command("dpo", "preference tuning (DPO, IPO, SimPO), full or LoRA, of a run or a released checkpoint", _config_args)
+def _dpo(args: argparse.Namespace) -> None:
+    _finetune("dpo", args)
+
+
+def _finetune(task: str, args: argparse.Namespace) -> None:
     from llmtrain.config import load_config  # on use: `llmtrain --help` loads no torch/ray
     from llmtrain.launch import launch  # on use: `llmtrain --help` loads no torch/ray
     from llmtrain.run_summary import print_run_summary  # on use: `llmtrain --help` loads no torch/ray
     from llmtrain.tasks.sft import print_report  # on use: `llmtrain --help` loads no torch/ray
 
     cfg = load_config(args.config, args.overrides)
-    launch(cfg, "sft", started=_process_start())
+    launch(cfg, task, started=_process_start())
     print_run_summary(cfg.run.dir)
     print_report(cfg.run.dir)
 

@@ -254,11 +254,16 @@ class DpoSection(Section):
     precompute_reference: bool = False
     """Score the training pairs with the reference once before training and keep only those
     log-probabilities, so no reference model is held during training (sigmoid/ipo)."""
+    reference: Optional[str] = None
+    """The reference model, if not the starting model (`model.from`): a Hugging Face directory or
+    one of our runs, of the policy's shape and tokenizer; held as a frozen copy."""
 
     @model_validator(mode="after")
     def _consistent(self) -> DpoSection:
         if self.label_smoothing > 0 and self.loss_type == "ipo":
             raise ValueError("label_smoothing is not defined for loss_type=ipo; set dpo.label_smoothing=0 or use sigmoid/simpo")
+        if self.reference is not None and self.loss_type == "simpo":
+            raise ValueError("simpo uses no reference model; drop dpo.reference or use loss_type sigmoid/ipo")
         if self.precompute_reference and self.loss_type == "simpo":
             raise ValueError("simpo uses no reference model, so there is nothing to precompute; "
                              "set dpo.precompute_reference=false")
@@ -298,6 +303,27 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), sourc
         return JobConfig.model_validate(raw)
     except ValidationError as err:
         raise UserError(f"{where}: {_describe(err, raw)}") from None
+
+
+# Forwarded from the driver to every worker when set (machine-independent settings only).
+FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "LLMTRAIN_TEST_SAVE_PAUSE")  # the last: a test hook (checkpoint.py)
+
+
+def absolutize_paths(cfg: JobConfig) -> JobConfig:
+    """Workers may start in another directory: make every path in the config absolute."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.dir = Path(cfg.run.dir).expanduser().resolve()
+    if cfg.data.path is not None:
+        cfg.data.path = Path(cfg.data.path).expanduser().resolve()
+    for entry in cfg.data.mixture:
+        entry.path = Path(entry.path).expanduser().resolve()
+    if cfg.model.from_:
+        cfg.model.from_ = str(Path(cfg.model.from_).expanduser().resolve())
+    if cfg.dpo is not None and cfg.dpo.reference:
+        cfg.dpo.reference = str(Path(cfg.dpo.reference).expanduser().resolve())
+    if cfg.train.resume not in ("auto", "never"):
+        cfg.train.resume = str(Path(cfg.train.resume).expanduser().resolve())
+    return cfg
 
 
 def write_resolved_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:

@@ -168,7 +168,8 @@ def frozen_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optiona
         config["zero_optimization"] = dict(ds_config["zero_optimization"], stage=3)
         config.pop("zero_allow_untested_optimizer", None)
         model, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
-    return model.eval()
+    model.eval()  # DeepSpeedEngine.eval() returns None
+    return model
 
 
 def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int, rank: int) -> int:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llmtrain import checkpoint, reachable
 from llmtrain.cluster_failures import explain, failure_settings, forget_previous_run
-from llmtrain.config import JobConfig, write_resolved_config
+from llmtrain.config import FORWARDED_ENV, JobConfig, absolutize_paths, write_resolved_config
 from llmtrain.engine import batch_layout
 from llmtrain.errors import UserError
 from llmtrain.metrics import StartupClock
@@ -35,10 +35,6 @@ from llmtrain.tasks import get_task
 from llmtrain.train import train_worker
 
 log = logging.getLogger("llmtrain")
-
-# Forwarded from the driver to every worker when set (machine-independent settings only).
-FORWARDED_ENV = ("LLMTRAIN_KERNELS", "TRITON_INTERPRET", "LLMTRAIN_TEST_SAVE_PAUSE")  # the last: a test hook (checkpoint.py)
-
 
 def launch(cfg: JobConfig, task_name: str, started: Optional[float] = None) -> dict[str, Any]:
     """Run task `task_name` (llmtrain/tasks/) for `cfg` on Ray; returns the final metrics.
@@ -95,21 +91,6 @@ def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock)
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-
-
-def absolutize_paths(cfg: JobConfig) -> JobConfig:
-    """Workers may start in another directory: make every path in the config absolute."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.dir = Path(cfg.run.dir).expanduser().resolve()
-    if cfg.data.path is not None:
-        cfg.data.path = Path(cfg.data.path).expanduser().resolve()
-    for entry in cfg.data.mixture:
-        entry.path = Path(entry.path).expanduser().resolve()
-    if cfg.model.from_:
-        cfg.model.from_ = str(Path(cfg.model.from_).expanduser().resolve())
-    if cfg.train.resume not in ("auto", "never"):
-        cfg.train.resume = str(Path(cfg.train.resume).expanduser().resolve())
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Iterable, Optional
 from urllib.parse import urlparse
 
 from llmtrain import reachable
-from llmtrain.config import load_config, write_resolved_config
+from llmtrain.config import FORWARDED_ENV, absolutize_paths, load_config, write_resolved_config
 from llmtrain.errors import UserError
 from llmtrain.tasks import TASKS
 
@@ -223,8 +223,6 @@ def package_dirs() -> list[str]:
 def job_config(cfg, nodes: Optional[list[Node]]):
     """The config as the cluster will run it: cluster.address=auto, absolute paths, and use_gpu
     decided from the cluster (not from this machine) when the config leaves it open."""
-    from llmtrain.launch import absolutize_paths
-
     cfg = absolutize_paths(cfg)
     cfg.cluster.address = "auto"
     if cfg.cluster.use_gpu is None:
@@ -242,11 +240,9 @@ def job_runtime_env(working_dir: str) -> dict:
 
 def job_entrypoint(task: str) -> str:
     """`python -m llmtrain.cli TASK config.yaml`, preceded by the settings a local run forwards
-    to its workers (launch.FORWARDED_ENV) when they are set here. They go on the command line,
+    to its workers (config.FORWARDED_ENV) when they are set here. They go on the command line,
     not in the job's env_vars: the driver forwards them to its workers through ray.init's
     runtime_env, and Ray refuses a job whose env_vars and the driver's name the same variable."""
-    from llmtrain.launch import FORWARDED_ENV
-
     settings = [f"{key}={shlex.quote(os.environ[key])}" for key in FORWARDED_ENV if key in os.environ]
     return " ".join([*settings, f"python -m llmtrain.cli {task} {JOB_CONFIG}"])
 

@@ -81,7 +81,7 @@ def run(cfg: JobConfig, task: Task, clock: Optional[StartupClock] = None) -> dic
     task.select_trainable(model)
     clock.mark("model")
     engine, guard, grad_norm = initialize(model, cfg, ds_config)
-    task.setup(engine, ctx, lambda: frozen_model(data.model_config, cfg, ds_config, data.weights))
+    task.setup(engine, ctx, lambda weights=None: frozen_model(data.model_config, cfg, ds_config, weights or data.weights))
     clock.mark("engine")
 
     step = 0

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the registry itself stays cheap to import (submit and --hel
 TASKS = {
     "pretrain": "llmtrain.tasks.pretrain:PretrainTask",
     "sft": "llmtrain.tasks.sft:SFTTask",
+    "dpo": "llmtrain.tasks.dpo:DPOTask",
 }
 
 

@@ -95,9 +95,10 @@ class Task(ABC):
     def loss(self, model, micro_batch: MicroBatch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return lm_loss(model, micro_batch, device)
 
-    def setup(self, engine, ctx: WorkerContext, frozen_copy: Callable[[], torch.nn.Module]) -> None:
-        """After the engine exists, fresh or resumed. `frozen_copy()` builds a frozen copy of the
-        base model, handled by the run's ZeRO stage (for tasks that need a reference model)."""
+    def setup(self, engine, ctx: WorkerContext, frozen_copy: Callable[..., torch.nn.Module]) -> None:
+        """After the engine exists, before a resumed run loads its checkpoint. `frozen_copy(weights=None)`
+        builds a frozen copy of the model (the base's weights, or `weights()`), handled by the run's
+        ZeRO stage: for tasks that need a reference model."""
 
     def start(self, engine, ctx: WorkerContext, run_dir: Path) -> None:
         """Before the first step of a fresh run (e.g. metrics of the base)."""

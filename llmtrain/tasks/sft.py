@@ -98,6 +98,9 @@ class SFTTask(Task):
         return Plan(self._model(cfg, info))
 
     def build_cache(self, cfg: JobConfig, tokenizer, template, seq_len: int, run_dir: Path) -> Path:
+        if cfg.data.format == "preference":
+            raise UserError("data.format=preference is preference data: train it with `llmtrain dpo`, or give sft "
+                            "chat, pairs or labelled records")
         return build_cache(cfg.data, tokenizer, template, seq_len, cfg.run.seed, cfg.data.cache_dir or run_dir / "sft-cache")
 
     def read_cache_meta(self, cache: Path) -> dict:
@@ -216,25 +219,30 @@ def resolve_base(cfg: JobConfig, run_dir: Path) -> tuple[Optional[Path], Optiona
     if not cfg.model.from_:
         return None, None
     source = Path(cfg.model.from_).expanduser().resolve()
+    base = export_base(source, run_dir / "base", "model.from")
+    return base, (None if base == source else checkpoint.read_meta(pick_checkpoint(source)))
+
+
+def export_base(source: Path, target: Path, key: str) -> Path:
+    """A Hugging Face directory for `source`: itself, or (one of our runs or checkpoints) its
+    checkpoint exported once to `target` (LoRA runs merged), reused while the source is the same."""
     if (source / "config.json").is_file():
         load_hf_config(source)  # unsupported architectures: one line, now
-        return source, None
-
+        return source
     if not source.is_dir() or not ((source / checkpoint.META).is_file() or (source / checkpoint.CHECKPOINTS).is_dir()):
-        raise UserError(f"model.from={source}: not a Hugging Face model directory (config.json), one of our run directories "
+        raise UserError(f"{key}={source}: not a Hugging Face model directory (config.json), one of our run directories "
                         "or a checkpoint directory")
     ckpt = pick_checkpoint(source)
     meta = checkpoint.read_meta(ckpt)
-    target = run_dir / "base"
     marker = {"source": str(ckpt.resolve()), "step": meta["step"]}
     if (target / BASE_MARKER).is_file() and json.loads((target / BASE_MARKER).read_text()) == marker:
-        return target, meta
+        return target
     shutil.rmtree(target, ignore_errors=True)
     lora_run = (meta.get("config") or {}).get("lora")
-    print(f"llmtrain: exporting the base {ckpt} to {target}" + (" (LoRA merged)" if lora_run else ""), file=sys.stderr)
+    print(f"llmtrain: exporting {key} {ckpt} to {target}" + (" (LoRA merged)" if lora_run else ""), file=sys.stderr)
     export(ckpt, target, merge=bool(lora_run))
     atomic_write_json(target / BASE_MARKER, marker)
-    return target, meta
+    return target
 
 
 def eos_list(eos) -> list[int]:
