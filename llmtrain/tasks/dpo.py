@@ -199,7 +199,7 @@ class DPOTask(SFTTask):
         made with another base or data is never used."""
         key = reference_key(self.info, self.meta)
         path = self.cache / REFERENCE_FILE
-        cached = _read_reference(path, key)
+        cached = _read_reference(path, key, say=ctx.is_main)
         if cached is None:
             tables = {}
             for name, split in self._splits.items():
@@ -265,18 +265,20 @@ def reference_key(info: dict, meta: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_reference(path: Path, key: str) -> Optional[dict[str, np.ndarray]]:
+def _read_reference(path: Path, key: str, say: bool) -> Optional[dict[str, np.ndarray]]:
+    """The cached tables when `path` holds them for `key`; otherwise None (and, with `say`, why)."""
     if not path.is_file():
         return None
     try:
         with np.load(path) as f:
-            if str(f["key"]) != key:
-                print(f"llmtrain: {path} holds reference log-probabilities of another model or data; recomputing them")
-                return None
-            return {name: f[name] for name in ("train", "val") if name in f}
+            if str(f["key"]) == key:
+                return {name: f[name] for name in ("train", "val") if name in f}
+            why = "holds reference log-probabilities of another model or data"
     except (OSError, ValueError, KeyError):
-        print(f"llmtrain: {path} is unreadable; recomputing the reference log-probabilities")
-        return None
+        why = "is unreadable"
+    if say:
+        print(f"llmtrain: {path} {why}; recomputing them")
+    return None
 
 
 def _write_reference(path: Path, key: str, tables: dict[str, np.ndarray]) -> None:
