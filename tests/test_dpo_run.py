@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import STORIES260K, need_shared
 from fault_support import bitwise_equal, final_parameters
-from llmtrain.metrics import read_metrics
 from runtime_support import BASE, REPO, losses, subprocess_env, tiny_data, torchrun
+
+from llmtrain.metrics import read_metrics
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from preference_pairs import write_pairs  # noqa: E402

@@ -43,7 +43,7 @@ from llmtrain.evaluate import mean_loss
 from llmtrain.model.hf import iter_model_tensors, load_hf_config
 from llmtrain.tasks.base import MicroBatch, Plan, TaskData
 from llmtrain.tasks.dpo_loss import batch_logprobs, pair_values, preference_loss
-from llmtrain.tasks.sft import POINTER, SFTTask, export_base
+from llmtrain.tasks.sft import POINTER, SFTTask, export_base, resolve_base
 from llmtrain.worker import WorkerContext
 
 REFERENCE_FILE = "reference_logps.npz"
@@ -58,38 +58,39 @@ class DPOTask(SFTTask):
         if not cfg.model.from_:
             raise UserError("dpo needs a starting model: set model.from=MODEL (a Hugging Face dir, one of our runs or "
                             "checkpoints), usually the result of `llmtrain sft`; it is also the reference")
-        dpo = _section(cfg)
+        reference = self._check_reference(cfg) if _section(cfg).reference is not None else None
         plan = super().prepare(cfg, layout)
-        if dpo.reference is not None:
-            self._check_reference(cfg, plan)
+        if reference is not None:
+            pointer = Path(cfg.run.dir) / POINTER
+            atomic_write_json(pointer, {**json.loads(pointer.read_text()), "reference": str(reference)})
         return plan
 
     def build_cache(self, cfg: JobConfig, tokenizer, template, seq_len: int, run_dir: Path) -> Path:
         return build_preference_cache(cfg.data, tokenizer, template, seq_len, cfg.run.seed,
                                       cfg.data.cache_dir or run_dir / "dpo-cache")
 
-    def _check_reference(self, cfg: JobConfig, plan: Plan) -> None:
-        """`dpo.reference` must be the policy's shape and tokenizer; exported once to RUN_DIR/reference."""
-        dpo = _section(cfg)
-        reference = export_base(Path(dpo.reference), Path(cfg.run.dir) / "reference", "dpo.reference")
-        ours, theirs = plan.model_config.to_dict(), load_hf_config(reference).to_dict()
+    def _check_reference(self, cfg: JobConfig) -> Path:
+        """`dpo.reference` must have the policy's shape and tokenizer (exported once to RUN_DIR/reference
+        when it is one of our runs); checked before any data is tokenized."""
+        run_dir = Path(cfg.run.dir)
+        base, _ = resolve_base(cfg, run_dir)
+        given = cfg.dpo.reference
+        reference = export_base(Path(given).expanduser().resolve(), run_dir / "reference", "dpo.reference")
+        ours, theirs = load_hf_config(base).to_dict(), load_hf_config(reference).to_dict()
         diffs = [k for k in sorted(set(ours) | set(theirs)) if k != "eos_token_id" and ours.get(k) != theirs.get(k)]
         if diffs:
             k = diffs[0]
-            raise UserError(f"dpo.reference={dpo.reference} has another shape than the policy ({k}: reference {theirs.get(k)!r}, "
+            raise UserError(f"dpo.reference={given} has another shape than the policy ({k}: reference {theirs.get(k)!r}, "
                             f"policy {ours.get(k)!r}); use a reference of the same architecture, or leave dpo.reference unset")
-        pointer_path = Path(cfg.run.dir) / POINTER
-        pointer = json.loads(pointer_path.read_text())
-        policy_tok = load_tokenizer(Path(pointer["cache"]) / "tokenizer")
+        policy_tok = load_tokenizer(cfg.data.tokenizer or base)
         try:
-            reference_tok = load_tokenizer(reference)
+            same = load_tokenizer(reference).fingerprint == policy_tok.fingerprint
         except UserError:
-            reference_tok = None
-        if reference_tok is None or reference_tok.fingerprint != policy_tok.fingerprint:
-            raise UserError(f"dpo.reference={dpo.reference} was trained with another tokenizer than the policy; the "
-                            "log-probabilities would not be comparable: use a reference with the policy's tokenizer")
-        pointer["reference"] = str(reference)
-        atomic_write_json(pointer_path, pointer)
+            same = False
+        if not same:
+            raise UserError(f"dpo.reference={given} was trained with another tokenizer than the policy, so their "
+                            "log-probabilities are not comparable; use a reference with the policy's tokenizer")
+        return reference
 
     # Worker side
 
