@@ -137,7 +137,10 @@ def main() -> int:
     try:
         tokenizer = args.tokenizer or train_tokenizer([str(args.corpus)], args.vocab_size, work / "tokenizer")
         nbytes = warm(files)
-        print(f"corpus: {len(files)} files, {nbytes / 1e6:.1f} MB; tokenizer {tokenizer}; seq_len {args.seq_len}; {cores} cores", flush=True)
+        print(
+            f"corpus: {len(files)} files, {nbytes / 1e6:.1f} MB; tokenizer {tokenizer}; seq_len {args.seq_len}; {cores} cores",
+            flush=True,
+        )
 
         ours_s, ours_tokens = run_ours(files, tokenizer, args.seq_len, work / "prepared")
         recipe_s, recipe_tokens = run_recipe(files, tokenizer, args.seq_len, work / "hf_cache", num_proc=cores)
@@ -147,10 +150,16 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'(a) llmtrain prepare':<34}{ours_s:8.2f} s  {ours_tokens / 1e6:6.2f}M tokens  {ours_tokens / ours_s / 1e6:6.2f}M tok/s")
-    print(f"{'(b) HF datasets map + group_texts':<34}{recipe_s:8.2f} s  {recipe_tokens / 1e6:6.2f}M tokens  {recipe_tokens / recipe_s / 1e6:6.2f}M tok/s")
+    print(
+        f"{'(a) llmtrain prepare':<34}{ours_s:8.2f} s  {ours_tokens / 1e6:6.2f}M tokens  {ours_tokens / ours_s / 1e6:6.2f}M tok/s"
+    )
+    print(
+        f"{'(b) HF datasets map + group_texts':<34}{recipe_s:8.2f} s  {recipe_tokens / 1e6:6.2f}M tokens  {recipe_tokens / recipe_s / 1e6:6.2f}M tok/s"
+    )
     print(f"{'prepare speedup (b / a)':<34}{recipe_s / ours_s:8.2f} x   (target >= 3x)")
-    print(f"{'loader next_step':<34}{loader_tps / 1e6:8.1f} M tok/s (micro-batch {args.micro_batch} x accum {args.grad_accum}; target >= 50M)")
+    print(
+        f"{'loader next_step':<34}{loader_tps / 1e6:8.1f} M tok/s (micro-batch {args.micro_batch} x accum {args.grad_accum}; target >= 50M)"
+    )
     print(f"{'numpy memmap gather + int64':<34}{memmap_tps / 1e6:8.1f} M tok/s")
     print(f"{'loader / memmap':<34}{loader_tps / memmap_tps:8.2f}")
     return 0

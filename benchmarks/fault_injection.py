@@ -77,8 +77,14 @@ def main() -> int:
             pause = f"{save_step}:5"
             last = save_step
         max_steps = last + 4
-        job = [*PRETRAIN, f"data.path={data}", f"train.max_steps={max_steps}", "checkpoint.every=2",
-               "checkpoint.keep=2", f"zero.stage={args.zero}"]
+        job = [
+            *PRETRAIN,
+            f"data.path={data}",
+            f"train.max_steps={max_steps}",
+            "checkpoint.every=2",
+            "checkpoint.keep=2",
+            f"zero.stage={args.zero}",
+        ]
 
         t0 = time.time()
         reference = reference_runs(work, {"reference": ("pretrain", PRETRAIN_CONFIG, job)})["reference"]
@@ -89,10 +95,21 @@ def main() -> int:
         run_env = env()
         if pause:
             run_env["LLMTRAIN_TEST_SAVE_PAUSE"] = pause
-        cmd = [sys.executable, "-m", "llmtrain.cli", "pretrain", str(PRETRAIN_CONFIG), *job, f"run.dir={run_dir}",
-               f"cluster.max_failures={len(faults)}"]
-        print(f"reference: {max_steps} steps uninterrupted in {t_ref:.0f} s; faulty run: {len(faults)} kills "
-              f"(seed {args.seed}), cluster.max_failures={len(faults)}", flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmtrain.cli",
+            "pretrain",
+            str(PRETRAIN_CONFIG),
+            *job,
+            f"run.dir={run_dir}",
+            f"cluster.max_failures={len(faults)}",
+        ]
+        print(
+            f"reference: {max_steps} steps uninterrupted in {t_ref:.0f} s; faulty run: {len(faults)} kills "
+            f"(seed {args.seed}), cluster.max_failures={len(faults)}",
+            flush=True,
+        )
         t0 = time.time()
         injector.start()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=REPO, timeout=1800)
@@ -110,12 +127,18 @@ def main() -> int:
             print(f"  the faulty run did not finish (exit {proc.returncode}); log: {work / 'faulty.log'}")
             print("\n".join(("    " + line) for line in (proc.stdout + proc.stderr).strip().splitlines()[-8:]))
         recovered = sum(1 for f in faults if f.done and f.resumed_from == f.newest_checkpoint) if finished else 0
-        equal = finished and losses(run_dir) == losses(reference) and bitwise_equal(final_parameters(run_dir), final_parameters(reference))
+        equal = (
+            finished
+            and losses(run_dir) == losses(reference)
+            and bitwise_equal(final_parameters(run_dir), final_parameters(reference))
+        )
         lost = [f.steps_lost for f in faults if f.done]
         mean = sum(lost) / len(lost) if lost else float("nan")
         print(f"faulty run: {t_run:.0f} s ({t_run / max(t_ref, 1e-9):.1f}x the reference's {t_ref:.0f} s)")
-        print(f"{recovered}/{len(faults)} recovered, bitwise equal: {'yes' if equal else 'no'}, "
-              f"steps lost per failure: {', '.join(map(str, lost)) or '-'} (mean {mean:.1f})")
+        print(
+            f"{recovered}/{len(faults)} recovered, bitwise equal: {'yes' if equal else 'no'}, "
+            f"steps lost per failure: {', '.join(map(str, lost)) or '-'} (mean {mean:.1f})"
+        )
         return 0 if recovered == len(faults) and equal else 1
 
 

@@ -60,7 +60,10 @@ def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 128) -
     except ImportError:
         flash_attn_func = None
     print(f"\nattention, causal, bf16, head dim {head_dim}, {heads} heads, {tokens} tokens per batch (TFLOP/s)")
-    print(f"{'seq':>6} {'pass':>8} {'triton':>8} {'sdpa-flash':>11} {'ratio':>6}" + (f" {'flash_attn':>11} {'ratio':>6}" if flash_attn_func else ""))
+    print(
+        f"{'seq':>6} {'pass':>8} {'triton':>8} {'sdpa-flash':>11} {'ratio':>6}"
+        + (f" {'flash_attn':>11} {'ratio':>6}" if flash_attn_func else "")
+    )
     for L in (512, 1024, 2048, 4096, 8192, 16384):
         B = max(1, tokens // L)
         q, k, v = (torch.randn(B, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -103,12 +106,16 @@ def bench_adamw(total: int = 100_000_000) -> None:
         if name == "triton":
             opt = AD.FusedAdamW(params, lr=1e-4, weight_decay=0.1)
         else:
-            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=name == "torch-fused", foreach=name == "torch-foreach")
+            opt = torch.optim.AdamW(
+                params, lr=1e-4, weight_decay=0.1, fused=name == "torch-fused", foreach=name == "torch-foreach"
+            )
         times[name] = _bench(opt.step)
         del params, opt
         torch.cuda.empty_cache()
     for name in ("torch-fused", "torch-foreach"):
-        print(f"  triton {times['triton']:.2f}  {name} {times[name]:.2f}  ratio (baseline / triton) {times[name] / times['triton']:.2f}")
+        print(
+            f"  triton {times['triton']:.2f}  {name} {times[name]:.2f}  ratio (baseline / triton) {times[name] / times['triton']:.2f}"
+        )
 
 
 def bench_elementwise(tokens: int = 16384, hidden: int = 4096, inter: int = 14336, vocab: int = 128256) -> None:
@@ -123,14 +130,22 @@ def bench_elementwise(tokens: int = 16384, hidden: int = 4096, inter: int = 1433
     cases = {
         f"rms_norm [{tokens}x{hidden}]": (lambda: R.rms_norm(x, w, 1e-5), lambda: R.rms_norm_reference(x, w, 1e-5)),
         f"swiglu [{tokens}x{inter}]": (lambda: S.swiglu(gate, up), lambda: S.swiglu_reference(gate, up)),
-        f"cross_entropy [{ce_tokens}x{vocab}]": (lambda: C.cross_entropy(logits, labels), lambda: C.cross_entropy_reference(logits, labels)),
+        f"cross_entropy [{ce_tokens}x{vocab}]": (
+            lambda: C.cross_entropy(logits, labels),
+            lambda: C.cross_entropy_reference(logits, labels),
+        ),
     }
     print("\nforward+backward, bf16 (ms; ratio = baseline / triton)")
     for name, (ours, eager) in cases.items():
         compiled = torch.compile(eager)
-        t = {k: _bench(lambda f=f: f().float().sum().backward()) for k, f in (("triton", ours), ("eager", eager), ("compile", compiled))}
-        print(f"  {name:<32} triton {t['triton']:.3f}  eager {t['eager']:.3f} ({t['eager'] / t['triton']:.2f}x)"
-              f"  torch.compile {t['compile']:.3f} ({t['compile'] / t['triton']:.2f}x)")
+        t = {
+            k: _bench(lambda f=f: f().float().sum().backward())
+            for k, f in (("triton", ours), ("eager", eager), ("compile", compiled))
+        }
+        print(
+            f"  {name:<32} triton {t['triton']:.3f}  eager {t['eager']:.3f} ({t['eager'] / t['triton']:.2f}x)"
+            f"  torch.compile {t['compile']:.3f} ({t['compile'] / t['triton']:.2f}x)"
+        )
 
 
 # ---- CPU: AOT table and the chunked cross-entropy ----------------------------------------------
@@ -139,15 +154,19 @@ def bench_elementwise(tokens: int = 16384, hidden: int = 4096, inter: int = 1433
 def aot_table() -> int:
     from kernels import aot
 
-    print(f"\nahead-of-time compile (sm_80 limit {aot.SHARED_LIMIT[80]} B shared, sm_90 {aot.SHARED_LIMIT[90]} B; "
-          f"registers per thread <= {aot.REGISTER_LIMIT})")
+    print(
+        f"\nahead-of-time compile (sm_80 limit {aot.SHARED_LIMIT[80]} B shared, sm_90 {aot.SHARED_LIMIT[90]} B; "
+        f"registers per thread <= {aot.REGISTER_LIMIT})"
+    )
     print(f"{'kernel':<16} {'target':<6} {'config':<40} {'regs':>4} {'spill st/ld':>11} {'shared B':>9} {'mma':>5}  problems")
     bad = 0
     for case in aot.all_cases():
         r = aot.compile_case(case)
         bad += bool(r.problems)
-        print(f"{case.kernel:<16} sm_{case.target:<3} {case.config:<40} {r.registers:>4} {r.spill_stores:>5}/{r.spill_loads:<5} "
-              f"{r.shared:>9} {r.mma:>5}  {'; '.join(r.problems) or '-'}")
+        print(
+            f"{case.kernel:<16} sm_{case.target:<3} {case.config:<40} {r.registers:>4} {r.spill_stores:>5}/{r.spill_loads:<5} "
+            f"{r.shared:>9} {r.mma:>5}  {'; '.join(r.problems) or '-'}"
+        )
     return bad
 
 
@@ -180,20 +199,29 @@ else:  # one implementation per process: the growth of its peak RSS
 
 def bench_flce_cpu(tokens: int = 4096, hidden: int = 512, vocab: int = 32000) -> None:
     threads = torch.get_num_threads()
-    print(f"\nfused linear + cross-entropy on CPU, torch backend, fp32, {tokens} tokens x hidden {hidden} x vocab {vocab}, "
-          f"forward+backward, {threads} threads (time: best of 5 interleaved rounds; peak: growth of max RSS once inputs exist)")
+    print(
+        f"\nfused linear + cross-entropy on CPU, torch backend, fp32, {tokens} tokens x hidden {hidden} x vocab {vocab}, "
+        f"forward+backward, {threads} threads (time: best of 5 interleaved rounds; peak: growth of max RSS once inputs exist)"
+    )
 
     def worker(mode: str) -> list[float]:
-        run = subprocess.run([sys.executable, "-c", FLCE_WORKER, mode, str(tokens), str(hidden), str(vocab), str(threads)],
-                             capture_output=True, text=True, cwd=REPO, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", FLCE_WORKER, mode, str(tokens), str(hidden), str(vocab), str(threads)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
         return [float(x) for x in run.stdout.split()]
 
     t_m, t_c = worker("time")
     peak = {mode: worker(mode)[0] for mode in ("materialised", "chunked")}
     for mode, t in (("materialised", t_m), ("chunked", t_c)):
         print(f"  {mode:<13} {t:7.3f} s   peak +{peak[mode] / 2**20:7.0f} MiB")
-    print(f"  chunked / materialised: time {t_c / t_m:.2f}, peak memory {peak['chunked'] / peak['materialised']:.2f} "
-          f"(the fp32 logits alone are {tokens * vocab * 4 / 2**20:.0f} MiB)")
+    print(
+        f"  chunked / materialised: time {t_c / t_m:.2f}, peak memory {peak['chunked'] / peak['materialised']:.2f} "
+        f"(the fp32 logits alone are {tokens * vocab * 4 / 2**20:.0f} MiB)"
+    )
 
 
 def main() -> int:

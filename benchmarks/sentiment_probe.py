@@ -92,10 +92,14 @@ def main() -> int:
         pretrained = load_hf_model(model_dir).eval()
         torch.manual_seed(args.seed)
         scratch = Decoder(pretrained.config).eval()
-        acc = {name: probe_accuracy(features(m, tokenizer, train_texts), y_train, features(m, tokenizer, test_texts), y_test)
-               for name, m in (("pretrained", pretrained), ("random init", scratch))}
-        print(f"{model_dir}: pretrained {acc['pretrained']:.3f}, random init {acc['random init']:.3f}, "
-              f"difference {100 * (acc['pretrained'] - acc['random init']):+.1f} points")
+        acc = {
+            name: probe_accuracy(features(m, tokenizer, train_texts), y_train, features(m, tokenizer, test_texts), y_test)
+            for name, m in (("pretrained", pretrained), ("random init", scratch))
+        }
+        print(
+            f"{model_dir}: pretrained {acc['pretrained']:.3f}, random init {acc['random init']:.3f}, "
+            f"difference {100 * (acc['pretrained'] - acc['random init']):+.1f} points"
+        )
     return 0
 
 

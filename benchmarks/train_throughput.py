@@ -154,12 +154,22 @@ def run_llmtrain(args, prepared: Path, logs: Path) -> dict:
     every = math.gcd(args.warmup_steps, args.steps)
     total = args.warmup_steps + args.steps
     cmd = llmtrain_cli() + [
-        "pretrain", str(CONFIG),
-        f"run.dir={run_dir}", f"data.path={prepared}", f"train.max_steps={total}",
-        f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}",
-        f"train.lr={args.lr}", f"train.warmup_steps={args.lr_warmup}", "train.precision=fp32",
-        f"train.log_every={every}", "train.val_every=0", "checkpoint.every=0",
-        f"cluster.num_workers={args.workers}", "cluster.use_gpu=false", f"zero.stage={args.zero_stage}",
+        "pretrain",
+        str(CONFIG),
+        f"run.dir={run_dir}",
+        f"data.path={prepared}",
+        f"train.max_steps={total}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"train.lr={args.lr}",
+        f"train.warmup_steps={args.lr_warmup}",
+        "train.precision=fp32",
+        f"train.log_every={every}",
+        "train.val_every=0",
+        "checkpoint.every=0",
+        f"cluster.num_workers={args.workers}",
+        "cluster.use_gpu=false",
+        f"zero.stage={args.zero_stage}",
     ]
     wall = run(cmd, "(a) llmtrain pretrain", args.timeout, logs / "a_llmtrain.log")
     entries = read_metrics(run_dir)
@@ -174,8 +184,9 @@ def run_llmtrain(args, prepared: Path, logs: Path) -> dict:
     stamps = {e["step"]: e["time"] for e in train}
     wallclock = args.steps * tokens_per_step / (stamps[total] - stamps[args.warmup_steps])
     startup = next(e for e in entries if "command_to_first_step_s" in e)
-    first_step_line = next((line.strip() for line in (logs / "a_llmtrain.log").read_text().splitlines()
-                            if "first optimizer step" in line), None)
+    first_step_line = next(
+        (line.strip() for line in (logs / "a_llmtrain.log").read_text().splitlines() if "first optimizer step" in line), None
+    )
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final checkpoint is not needed
     return {
         "name": "llmtrain",
@@ -191,7 +202,7 @@ def run_llmtrain(args, prepared: Path, logs: Path) -> dict:
         "first_step_line": first_step_line,
         "wall_s": wall,
         "run_dir": str(run_dir),
-        "command": ["llmtrain"] + [shorter(c) for c in cmd[len(llmtrain_cli()):]],
+        "command": ["llmtrain"] + [shorter(c) for c in cmd[len(llmtrain_cli()) :]],
     }
 
 
@@ -205,15 +216,36 @@ def seq_len_of(prepared: Path) -> int:
 
 
 def baseline_args(args, baseline: Path, out: Path) -> list[str]:
-    flags = ["--data", str(baseline), "--out", str(out), "--global-batch", str(args.global_batch),
-             "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps),
-             "--steps", str(args.steps), "--lr", str(args.lr), "--lr-warmup", str(args.lr_warmup)]
+    flags = [
+        "--data",
+        str(baseline),
+        "--out",
+        str(out),
+        "--global-batch",
+        str(args.global_batch),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--steps",
+        str(args.steps),
+        "--lr",
+        str(args.lr),
+        "--lr-warmup",
+        str(args.lr_warmup),
+    ]
     return flags + (["--no-doc-mask"] if args.no_doc_mask else [])
 
 
 def torchrun(args, script: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
-            str(BASELINES / script)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.workers}",
+        str(BASELINES / script),
+    ]
 
 
 def run_baseline(args, part: str, baseline: Path, logs: Path) -> dict:
@@ -239,8 +271,18 @@ def run_baseline(args, part: str, baseline: Path, logs: Path) -> dict:
 def run_memory(args, prepared: Path, logs: Path) -> dict:
     out = args.work / "results" / "memory.json"
     out.unlink(missing_ok=True)
-    cmd = torchrun(args, "zero_memory.py") + ["--data", str(prepared), "--out", str(out), "--stages", args.memory_stages,
-                                              "--micro-batch", str(args.micro_batch), "--global-batch", str(args.global_batch)]
+    cmd = torchrun(args, "zero_memory.py") + [
+        "--data",
+        str(prepared),
+        "--out",
+        str(out),
+        "--stages",
+        args.memory_stages,
+        "--micro-batch",
+        str(args.micro_batch),
+        "--global-batch",
+        str(args.global_batch),
+    ]
     if args.memory_persistence_threshold is not None:
         cmd += ["--persistence-threshold", str(args.memory_persistence_threshold)]
     run(cmd, "(memory)", args.timeout, logs / "memory.log")
@@ -262,10 +304,12 @@ def zero_formula_bytes(stage: int, psi: int, nd: int) -> float:
 
 def print_throughput(results: dict, args, tokens_per_step: int) -> None:
     print()
-    print(f"Throughput: tiny preset, seq {args.seq_len}, global batch {args.global_batch} "
-          f"(micro {args.micro_batch}), fp32, ZeRO-{args.zero_stage} on {args.workers} processes; "
-          f"{tokens_per_step} tokens/step; warm-up {args.warmup_steps} steps skipped, {args.steps} measured; "
-          f"doc mask {'off in the baselines' if args.no_doc_mask else 'on everywhere'}")
+    print(
+        f"Throughput: tiny preset, seq {args.seq_len}, global batch {args.global_batch} "
+        f"(micro {args.micro_batch}), fp32, ZeRO-{args.zero_stage} on {args.workers} processes; "
+        f"{tokens_per_step} tokens/step; warm-up {args.warmup_steps} steps skipped, {args.steps} measured; "
+        f"doc mask {'off in the baselines' if args.no_doc_mask else 'on everywhere'}"
+    )
     labels = {
         "a": f"(a) llmtrain pretrain (Ray, {args.workers} workers, ZeRO-{args.zero_stage})",
         "b": f"(b) bare DeepSpeed (torchrun, {args.workers} procs, ZeRO-{args.zero_stage})",
@@ -288,7 +332,9 @@ def print_throughput(results: dict, args, tokens_per_step: int) -> None:
     a = results.get("a")
     if a is None:
         return
-    print("^ Ray sets OMP_NUM_THREADS (torch threads) to the worker's CPUs: cluster.cpus_per_worker=1; torchrun sets 1 per process.")
+    print(
+        "^ Ray sets OMP_NUM_THREADS (torch threads) to the worker's CPUs: cluster.cpus_per_worker=1; torchrun sets 1 per process."
+    )
     print(f"(a) command: {' '.join(a['command'])}")
     print()
     for key, target, what in (("c", 1.3, "HF Trainer"), ("b", 0.9, "bare DeepSpeed"), ("d", None, "single process")):
@@ -303,10 +349,15 @@ def print_memory(memory: dict) -> Optional[float]:
     rows = sorted(memory["results"], key=lambda r: (r["stage"], r["rank"]))
     psi = rows[0]["num_params"]
     print()
-    print(f"Model-state memory per rank, llmtrain engine, fp32, {nd} processes, {psi:,} parameters (MiB; "
-          f"formula: ZeRO paper, fp32 Adam = 4 params + 4 grads + 8 Adam bytes/param)")
-    head = f"{'stage':<7}{'rank':>5}" + "".join(f"{c:>13}" for c in ("params", "grads", "fp32 master", "Adam")) + \
-        f"{'model states':>14}{'formula':>10}{'/formula':>10}{'buffers*':>11}{'persistent':>12}"
+    print(
+        f"Model-state memory per rank, llmtrain engine, fp32, {nd} processes, {psi:,} parameters (MiB; "
+        f"formula: ZeRO paper, fp32 Adam = 4 params + 4 grads + 8 Adam bytes/param)"
+    )
+    head = (
+        f"{'stage':<7}{'rank':>5}"
+        + "".join(f"{c:>13}" for c in ("params", "grads", "fp32 master", "Adam"))
+        + f"{'model states':>14}{'formula':>10}{'/formula':>10}{'buffers*':>11}{'persistent':>12}"
+    )
     print(head)
     totals: dict[int, list[float]] = {}
     no_master: dict[int, list[float]] = {}
@@ -316,19 +367,26 @@ def print_memory(memory: dict) -> Optional[float]:
         formula = zero_formula_bytes(r["stage"], psi, nd)
         totals.setdefault(r["stage"], []).append(states)
         no_master.setdefault(r["stage"], []).append(states - b.get("fp32 master", 0))
-        print(f"{r['stage']:<7}{r['rank']:>5}" + "".join(f"{b.get(c, 0) / MB:>13.2f}" for c in ("parameters", "gradients", "fp32 master", "optimizer"))
-              + f"{states / MB:>14.2f}{formula / MB:>10.2f}{states / formula:>10.2f}{b.get('buffers', 0) / MB:>11.1f}"
-              + f"{r.get('persistent_params', 0):>12,}")
+        print(
+            f"{r['stage']:<7}{r['rank']:>5}"
+            + "".join(f"{b.get(c, 0) / MB:>13.2f}" for c in ("parameters", "gradients", "fp32 master", "optimizer"))
+            + f"{states / MB:>14.2f}{formula / MB:>10.2f}{states / formula:>10.2f}{b.get('buffers', 0) / MB:>11.1f}"
+            + f"{r.get('persistent_params', 0):>12,}"
+        )
     print("* buffers: DeepSpeed work space reachable from its optimizer (reduce buckets etc.), allocated size; not model states.")
     threshold = next((r.get("persistence_threshold") for r in rows if r["stage"] == 3), None)
     print(f"  persistent: ZeRO-3 parameters below stage3_param_persistence_threshold ({threshold}), kept whole on every rank.")
     if 0 in totals and 3 in totals:
         measured = max(totals[3]) / max(totals[0])
         formula = zero_formula_bytes(3, psi, nd) / zero_formula_bytes(0, psi, nd)
-        print(f"ZeRO-3 / ZeRO-0 model states (max over ranks): measured {measured:.3f}, formula {formula:.3f}   "
-              f"target <= 0.55: {'met' if measured <= 0.55 else 'NOT met'}")
-        print(f"  the same without DeepSpeed's separate fp32 master copy of the partition (fp32 training needs none): "
-              f"{max(no_master[3]) / max(no_master[0]):.3f}")
+        print(
+            f"ZeRO-3 / ZeRO-0 model states (max over ranks): measured {measured:.3f}, formula {formula:.3f}   "
+            f"target <= 0.55: {'met' if measured <= 0.55 else 'NOT met'}"
+        )
+        print(
+            f"  the same without DeepSpeed's separate fp32 master copy of the partition (fp32 training needs none): "
+            f"{max(no_master[3]) / max(no_master[0]):.3f}"
+        )
         return measured
     return None
 
@@ -366,11 +424,18 @@ def main() -> int:
     p.add_argument("--lr-warmup", type=int, default=20, help="LR schedule warm-up steps (same in every run)")
     p.add_argument("--parts", default="a,b,c,d,memory", help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--memory-stages", default="0,1,2,3")
-    p.add_argument("--memory-persistence-threshold", type=int, default=None,
-                   help="what-if: ZeRO-3 stage3_param_persistence_threshold for the memory part (default: llmtrain's)")
+    p.add_argument(
+        "--memory-persistence-threshold",
+        type=int,
+        default=None,
+        help="what-if: ZeRO-3 stage3_param_persistence_threshold for the memory part (default: llmtrain's)",
+    )
     p.add_argument("--no-doc-mask", action="store_true", help="baselines without position ids (cross-document attention)")
-    p.add_argument("--llmtrain-model", action="store_true",
-                   help="also (d'): the single-process loop with llmtrain's Decoder (model vs runtime cost)")
+    p.add_argument(
+        "--llmtrain-model",
+        action="store_true",
+        help="also (d'): the single-process loop with llmtrain's Decoder (model vs runtime cost)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     args = p.parse_args()
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -380,7 +445,9 @@ def main() -> int:
     if args.warmup_steps < 1 or args.steps < 1:
         p.error("--warmup-steps and --steps must be >= 1")
     if args.global_batch % (args.micro_batch * args.workers):
-        p.error(f"--global-batch {args.global_batch} must be a multiple of micro-batch x workers = {args.micro_batch * args.workers}")
+        p.error(
+            f"--global-batch {args.global_batch} must be a multiple of micro-batch x workers = {args.micro_batch * args.workers}"
+        )
     args.work = args.work.resolve()
     if "c" in parts:
         import importlib.util
@@ -416,7 +483,9 @@ def main() -> int:
     print(f"load average at end: {load_average()}; total {time.time() - started:.0f} s; logs in {logs}")
     summary = args.work / "results" / "summary.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "memory": memory}, indent=1))
+    summary.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "memory": memory}, indent=1)
+    )
     return 0
 
 

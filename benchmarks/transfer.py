@@ -56,12 +56,24 @@ def pretrain(args, out: Path) -> tuple[Path, Path, float]:
             train_tokenizer(corpus, args.vocab, str(tok))
         # our own cache: rebuild it when the corpus files were touched since (prepare refuses otherwise)
         prepare(corpus, tokenizer=str(tok), seq_len=args.seq_len, output=str(data), val_fraction=0.01, force=True)
-        cfg = load_config(REPO / "configs" / "tiny-pretrain.yaml", [
-            f"run.dir={run}", f"data.path={data}", f"model.preset={args.preset}", f"train.max_steps={args.pretrain_steps}",
-            f"train.global_batch_size={args.batch}", "train.micro_batch_size=4", f"train.lr={args.pretrain_lr}",
-            f"train.warmup_steps={max(10, args.pretrain_steps // 50)}", f"train.val_every={max(50, args.pretrain_steps // 10)}",
-            "train.log_every=10", f"checkpoint.every={max(100, args.pretrain_steps // 5)}", f"cluster.num_workers={args.workers}",
-            "cluster.use_gpu=false"])
+        cfg = load_config(
+            REPO / "configs" / "tiny-pretrain.yaml",
+            [
+                f"run.dir={run}",
+                f"data.path={data}",
+                f"model.preset={args.preset}",
+                f"train.max_steps={args.pretrain_steps}",
+                f"train.global_batch_size={args.batch}",
+                "train.micro_batch_size=4",
+                f"train.lr={args.pretrain_lr}",
+                f"train.warmup_steps={max(10, args.pretrain_steps // 50)}",
+                f"train.val_every={max(50, args.pretrain_steps // 10)}",
+                "train.log_every=10",
+                f"checkpoint.every={max(100, args.pretrain_steps // 5)}",
+                f"cluster.num_workers={args.workers}",
+                "cluster.use_gpu=false",
+            ],
+        )
         launch(cfg, "pretrain")
     return run, run / "tokenizer", time.perf_counter() - t0  # the run keeps a copy of its tokenizer
 
@@ -72,35 +84,80 @@ def finetune(args, out: Path, name: str, extra: list[str]) -> dict:
     from llmtrain.config import load_config
     from llmtrain.launch import launch
 
-    common = {k: getattr(args, k) for k in ("preset", "vocab", "seq_len", "batch", "pretrain_steps", "pretrain_lr", "examples",
-                                            "ft_steps", "template", "positive", "negative")}
+    common = {
+        k: getattr(args, k)
+        for k in (
+            "preset",
+            "vocab",
+            "seq_len",
+            "batch",
+            "pretrain_steps",
+            "pretrain_lr",
+            "examples",
+            "ft_steps",
+            "template",
+            "positive",
+            "negative",
+        )
+    }
     key = hashlib.sha256(json.dumps([common, extra], sort_keys=True).encode()).hexdigest()[:8]
     run = out / f"ft-{name}-{key}"
     report_file = run / "finetune_report.json"
     t0 = time.perf_counter()
     if not report_file.is_file():
-        cfg = load_config(REPO / "configs" / "tiny-sft.yaml", [
-            f"run.dir={run}", f"data.path={SHARED / 'data' / 'eval' / 'sentiment_train.jsonl'}",
-            f"data.val_path={SHARED / 'data' / 'eval' / 'sentiment_test.jsonl'}", "data.format=labelled",
-            f"data.template={json.dumps(args.template)}",
-            f"data.label_words={json.dumps({'positive': args.positive, 'negative': args.negative})}",
-            "data.chat_template=completion", f"data.max_examples={args.examples}", "data.max_val_examples=1000",
-            "finetune.eval_examples=1000", "data.seq_len=128", "data.truncation=drop", f"data.cache_dir={out / 'sft-cache'}",
-            f"train.max_steps={args.ft_steps}", f"train.global_batch_size={args.batch}", "train.micro_batch_size=8",
-            f"train.warmup_steps={max(1, args.ft_steps // 10)}", "train.val_every=0", "train.log_every=10",
-            "checkpoint.every=0", f"cluster.num_workers={args.workers}", "cluster.use_gpu=false", *extra])
+        cfg = load_config(
+            REPO / "configs" / "tiny-sft.yaml",
+            [
+                f"run.dir={run}",
+                f"data.path={SHARED / 'data' / 'eval' / 'sentiment_train.jsonl'}",
+                f"data.val_path={SHARED / 'data' / 'eval' / 'sentiment_test.jsonl'}",
+                "data.format=labelled",
+                f"data.template={json.dumps(args.template)}",
+                f"data.label_words={json.dumps({'positive': args.positive, 'negative': args.negative})}",
+                "data.chat_template=completion",
+                f"data.max_examples={args.examples}",
+                "data.max_val_examples=1000",
+                "finetune.eval_examples=1000",
+                "data.seq_len=128",
+                "data.truncation=drop",
+                f"data.cache_dir={out / 'sft-cache'}",
+                f"train.max_steps={args.ft_steps}",
+                f"train.global_batch_size={args.batch}",
+                "train.micro_batch_size=8",
+                f"train.warmup_steps={max(1, args.ft_steps // 10)}",
+                "train.val_every=0",
+                "train.log_every=10",
+                "checkpoint.every=0",
+                f"cluster.num_workers={args.workers}",
+                "cluster.use_gpu=false",
+                *extra,
+            ],
+        )
         launch(cfg, "sft")
     report = json.loads(report_file.read_text())
-    return {"name": name, "run": str(run), "seconds": time.perf_counter() - t0, "accuracy_before": report["before"]["accuracy"],
-            "accuracy": report["after"]["accuracy"], "trainable": report["params"]["trainable"], "total": report["params"]["total"]}
+    return {
+        "name": name,
+        "run": str(run),
+        "seconds": time.perf_counter() - t0,
+        "accuracy_before": report["before"]["accuracy"],
+        "accuracy": report["after"]["accuracy"],
+        "trainable": report["params"]["trainable"],
+        "total": report["params"]["total"],
+    }
 
 
 def mean_over_seeds(runs: list[dict]) -> dict:
     """One arm: mean accuracy (before and after) over its seeds, their range and total time."""
     acc = [r["accuracy"] for r in runs]
-    return {**runs[0], "accuracy": sum(acc) / len(acc), "min": min(acc), "max": max(acc),
-            "accuracy_before": sum(r["accuracy_before"] for r in runs) / len(runs),
-            "seconds": sum(r["seconds"] for r in runs), "runs": runs}
+    return {
+        **runs[0],
+        "accuracy": sum(acc) / len(acc),
+        "min": min(acc),
+        "max": max(acc),
+        "accuracy_before": sum(r["accuracy_before"] for r in runs) / len(runs),
+        "seconds": sum(r["seconds"] for r in runs),
+        "runs": runs,
+    }
 
 
 def main() -> int:
@@ -110,8 +167,12 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256, help="pretraining rows")
     p.add_argument("--batch", type=int, default=16, help="global batch (rows) for pretraining and fine-tuning")
-    p.add_argument("--pretrain-steps", type=int, default=1700,
-                   help="x batch x seq-len tokens; 1700 = 7M tokens (1.1 passes over the corpus), ~28 min on 2 cores")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=1700,
+        help="x batch x seq-len tokens; 1700 = 7M tokens (1.1 passes over the corpus), ~28 min on 2 cores",
+    )
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--examples", type=int, default=2000)
     p.add_argument("--ft-steps", type=int, default=120, help="fine-tuning steps, the same for all three")
@@ -134,15 +195,27 @@ def main() -> int:
     targets = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
     plans = {
         "full": ("full-pretrained", [f"model.from={run}", f"train.lr={args.ft_lr}"]),
-        "lora": ("lora-pretrained", [f"model.from={run}", f"train.lr={args.lora_lr}", f"lora.r={args.lora_r}",
-                                     f"lora.alpha={2 * args.lora_r}", f"lora.target_modules={targets}"]),
-        "scratch": ("full-scratch", ["model.from=null", f"model.preset={args.preset}", f"data.tokenizer={tok}",
-                                     f"train.lr={args.scratch_lr}"]),
+        "lora": (
+            "lora-pretrained",
+            [
+                f"model.from={run}",
+                f"train.lr={args.lora_lr}",
+                f"lora.r={args.lora_r}",
+                f"lora.alpha={2 * args.lora_r}",
+                f"lora.target_modules={targets}",
+            ],
+        ),
+        "scratch": (
+            "full-scratch",
+            ["model.from=null", f"model.preset={args.preset}", f"data.tokenizer={tok}", f"train.lr={args.scratch_lr}"],
+        ),
     }
     chosen = [a.strip() for a in args.arms.split(",")]
     # seed 0 is the configs' own run.seed: left out of the overrides so its runs keep their cache key
-    arms = [mean_over_seeds([finetune(args, out, name, extra + ([f"run.seed={seed}"] if seed else []))
-                             for seed in range(args.seeds)]) for name, extra in (plans[a] for a in chosen)]
+    arms = [
+        mean_over_seeds([finetune(args, out, name, extra + ([f"run.seed={seed}"] if seed else [])) for seed in range(args.seeds)])
+        for name, extra in (plans[a] for a in chosen)
+    ]
     for arm in arms:
         for r in arm["runs"]:
             print(f"{arm['name']}: accuracy {r['accuracy_before']:.3f} -> {r['accuracy']:.3f} ({r['run']})")
@@ -152,21 +225,28 @@ def main() -> int:
     gain = full["accuracy"] - scratch["accuracy"]
     share = (lora["accuracy"] - scratch["accuracy"]) / gain if gain > 0 else float("nan")
 
-    print(f"\ntransfer: {args.preset} preset, pretraining {args.pretrain_steps} steps x {args.batch} x {args.seq_len} tokens "
-          f"({pretrain_s / 60:.1f} min now, cached in {run}); sentiment fine-tuning: {args.examples} examples, "
-          f"{args.ft_steps} steps x {args.batch} rows of 128; mean over {args.seeds} seed(s)")
+    print(
+        f"\ntransfer: {args.preset} preset, pretraining {args.pretrain_steps} steps x {args.batch} x {args.seq_len} tokens "
+        f"({pretrain_s / 60:.1f} min now, cached in {run}); sentiment fine-tuning: {args.examples} examples, "
+        f"{args.ft_steps} steps x {args.batch} rows of 128; mean over {args.seeds} seed(s)"
+    )
     print(f"{'':20s}{'trainable params':>22s}{'acc. before':>13s}{'acc. after':>12s}{'range':>15s}{'minutes':>9s}")
     for arm in arms:
         frac = f"{arm['trainable']:,} ({arm['trainable'] / arm['total']:.1%})"
         spread = f"{arm['min']:.3f}-{arm['max']:.3f}"
-        print(f"{arm['name']:20s}{frac:>22s}{arm['accuracy_before']:>13.3f}{arm['accuracy']:>12.3f}{spread:>15s}{arm['seconds'] / 60:>9.1f}")
-    print(f"pretrained+FT - scratch+FT: {100 * gain:+.1f} points   "
-          f"[{'PASS' if gain >= 0.10 else 'FAIL'}: expected >= +10]")
-    print(f"LoRA's share of full FT's gain over scratch: {share:.0%}   "
-          f"[{'PASS' if share >= 0.9 else 'FAIL'}: expected >= 90%, with {lora['trainable'] / lora['total']:.1%} of the parameters]")
+        print(
+            f"{arm['name']:20s}{frac:>22s}{arm['accuracy_before']:>13.3f}{arm['accuracy']:>12.3f}{spread:>15s}{arm['seconds'] / 60:>9.1f}"
+        )
+    print(f"pretrained+FT - scratch+FT: {100 * gain:+.1f} points   [{'PASS' if gain >= 0.10 else 'FAIL'}: expected >= +10]")
+    print(
+        f"LoRA's share of full FT's gain over scratch: {share:.0%}   "
+        f"[{'PASS' if share >= 0.9 else 'FAIL'}: expected >= 90%, with {lora['trainable'] / lora['total']:.1%} of the parameters]"
+    )
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
-    (out / "transfer.json").write_text(json.dumps({"args": vars(args), "arms": arms, "gain": gain, "lora_share": share,
-                                                   "pretrain_run": str(run)}, indent=1) + "\n")
+    (out / "transfer.json").write_text(
+        json.dumps({"args": vars(args), "arms": arms, "gain": gain, "lora_share": share, "pretrain_run": str(run)}, indent=1)
+        + "\n"
+    )
     return 0
 
 

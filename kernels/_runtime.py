@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - triton ships for Linux only
     triton = None
     tl = None
 
+
 def require_triton() -> None:
     if triton is None:
         raise RuntimeError(

@@ -42,7 +42,9 @@ if triton is not None:
     import triton.language as tl
 
 
-def adamw_reference(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+def adamw_reference(
+    params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01
+) -> torch.optim.Optimizer:
     """The `torch` backend's optimizer."""
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
@@ -51,9 +53,26 @@ if triton is not None:
 
     @triton.jit
     def _adamw(
-        PARAMS, GRADS, EXP_AVGS, EXP_AVG_SQS, MASTERS, NUMELS, BLOCK_TENSOR, BLOCK_START, GRAD_SCALE,
-        one_minus_beta1, beta2, one_minus_beta2, eps, decay, neg_step_size, bias_correction2_sqrt,
-        PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
+        PARAMS,
+        GRADS,
+        EXP_AVGS,
+        EXP_AVG_SQS,
+        MASTERS,
+        NUMELS,
+        BLOCK_TENSOR,
+        BLOCK_START,
+        GRAD_SCALE,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        decay,
+        neg_step_size,
+        bias_correction2_sqrt,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        HAS_MASTER: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -97,8 +116,21 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def fused_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: int, lr: float, beta1: float, beta2: float,
-                       eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None) -> None:
+def fused_adamw_update(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    masters,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor] = None,
+) -> None:
     """One launch updating every tensor in `params` (same dtype, same device, same step count);
     `masters` is None or the fp32 master copies of low-precision params."""
     if not params:
@@ -119,25 +151,58 @@ def fused_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: i
         return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device)
 
     as_int = lambda xs, dtype: torch.tensor(xs, dtype=dtype, device=device)  # noqa: E731
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
     meta = dict(GPU_SETTINGS) if device.type == "cuda" else {"BLOCK": CPU_BLOCK}
-    meta.update(PARAM_DTYPE=_tl_dtype(params[0].dtype), GRAD_DTYPE=_tl_dtype(grads[0].dtype),
-                HAS_MASTER=masters is not None, HAS_SCALE=grad_scale is not None)
+    meta.update(
+        PARAM_DTYPE=_tl_dtype(params[0].dtype),
+        GRAD_DTYPE=_tl_dtype(grads[0].dtype),
+        HAS_MASTER=masters is not None,
+        HAS_SCALE=grad_scale is not None,
+    )
     pointers = table(params)
-    ADAMW((len(tensors),), device, pointers, table(grads), table(exp_avgs), table(exp_avg_sqs),
-          table(masters) if masters is not None else pointers, as_int(numels, torch.int64), as_int(tensors, torch.int32),
-          as_int(starts, torch.int64), grad_scale if grad_scale is not None else pointers,
-          1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), 1.0 - lr * weight_decay,
-          -(lr / bias_correction1), bias_correction2 ** 0.5, meta=meta)
+    ADAMW(
+        (len(tensors),),
+        device,
+        pointers,
+        table(grads),
+        table(exp_avgs),
+        table(exp_avg_sqs),
+        table(masters) if masters is not None else pointers,
+        as_int(numels, torch.int64),
+        as_int(tensors, torch.int32),
+        as_int(starts, torch.int64),
+        grad_scale if grad_scale is not None else pointers,
+        1.0 - beta1,
+        float(beta2),
+        1.0 - beta2,
+        float(eps),
+        1.0 - lr * weight_decay,
+        -(lr / bias_correction1),
+        bias_correction2**0.5,
+        meta=meta,
+    )
 
 
-def torch_adamw_update(params, grads, exp_avgs, exp_avg_sqs, masters, *, step: int, lr: float, beta1: float, beta2: float,
-                       eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None) -> None:
+def torch_adamw_update(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    masters,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor] = None,
+) -> None:
     """The same update with torch.optim.AdamW's single-tensor operations (its CPU path), for
     parameters on the CPU when the Triton backend is not forced (e.g. ZeRO-Offload partitions)."""
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         target = masters[i] if masters is not None else p
         g = g.float() if grad_scale is None else g.float() * grad_scale
@@ -168,8 +233,15 @@ class FusedAdamW(torch.optim.Optimizer):
     gradients by `s` (a float or a 0-dim tensor) first. Neither reads a value back to the host.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, max_grad_norm: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        max_grad_norm: float = 0.0,
+    ):
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
             raise ValueError(f"FusedAdamW: invalid hyper-parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -225,10 +297,18 @@ class FusedAdamW(torch.optim.Optimizer):
                 states = [self.state[p] for p in ps]
                 update = fused_adamw_update if _kernel_for(device) else torch_adamw_update
                 update(
-                    ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    ps,
+                    [p.grad for p in ps],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
                     [s["master"] for s in states] if "master" in states[0] else None,
-                    step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], grad_scale=scales[device],
+                    step=step,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    grad_scale=scales[device],
                 )
         return loss
 
@@ -240,10 +320,31 @@ def aot_cases():
     for target in (80, 90):
         for pdtype, master in ((torch.float32, False), (torch.bfloat16, True)):
             for scale in (False, True):
-                args = dict(PARAMS=torch.int64, GRADS=torch.int64, EXP_AVGS=torch.int64, EXP_AVG_SQS=torch.int64,
-                            MASTERS=torch.int64, NUMELS=torch.int64, BLOCK_TENSOR=torch.int32, BLOCK_START=torch.int64,
-                            GRAD_SCALE=torch.float32, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8,
-                            decay=0.9999, neg_step_size=-1e-3, bias_correction2_sqrt=0.5)
-                yield Case("adamw", target, f"{str(pdtype)[6:]} params{' +master' if master else ''}{' +scale' if scale else ''} B{meta['BLOCK']} w{warps}",
-                           ADAMW.fn, args, dict(meta, PARAM_DTYPE=_tl_dtype(pdtype), GRAD_DTYPE=_tl_dtype(pdtype),
-                                                HAS_MASTER=master, HAS_SCALE=scale), warps, 1)
+                args = dict(
+                    PARAMS=torch.int64,
+                    GRADS=torch.int64,
+                    EXP_AVGS=torch.int64,
+                    EXP_AVG_SQS=torch.int64,
+                    MASTERS=torch.int64,
+                    NUMELS=torch.int64,
+                    BLOCK_TENSOR=torch.int32,
+                    BLOCK_START=torch.int64,
+                    GRAD_SCALE=torch.float32,
+                    one_minus_beta1=0.1,
+                    beta2=0.95,
+                    one_minus_beta2=0.05,
+                    eps=1e-8,
+                    decay=0.9999,
+                    neg_step_size=-1e-3,
+                    bias_correction2_sqrt=0.5,
+                )
+                yield Case(
+                    "adamw",
+                    target,
+                    f"{str(pdtype)[6:]} params{' +master' if master else ''}{' +scale' if scale else ''} B{meta['BLOCK']} w{warps}",
+                    ADAMW.fn,
+                    args,
+                    dict(meta, PARAM_DTYPE=_tl_dtype(pdtype), GRAD_DTYPE=_tl_dtype(pdtype), HAS_MASTER=master, HAS_SCALE=scale),
+                    warps,
+                    1,
+                )

@@ -157,7 +157,8 @@ def compile_case(case: Case) -> Report:
     from triton.backends.compiler import GPUTarget
 
     compiled = triton.compile(
-        _source(case), target=GPUTarget("cuda", case.target, 32),
+        _source(case),
+        target=GPUTarget("cuda", case.target, 32),
         # fp fusion on, as the JIT's default (set explicitly: Triton 3.9 warns that its default will change)
         options={"num_warps": case.num_warps, "num_stages": case.num_stages, "enable_fp_fusion": True, **case.extra},
     )
@@ -168,8 +169,13 @@ def compile_case(case: Case) -> Report:
     report = _ptxas_report(ptx, case.target)
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
     return Report(
-        registers=report["registers"], spill_stores=report["spill_stores"], spill_loads=report["spill_loads"],
-        stack=report["stack"], shared=int(compiled.metadata.shared), target=case.target, mma=mma,
+        registers=report["registers"],
+        spill_stores=report["spill_stores"],
+        spill_loads=report["spill_loads"],
+        stack=report["stack"],
+        shared=int(compiled.metadata.shared),
+        target=case.target,
+        mma=mma,
     )
 
 

@@ -69,12 +69,39 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd(
-        Q, K, V, O, LSE, RUN, START, END,
-        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
-        L, Lk, Hq, qk_scale,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        RUN,
+        START,
+        END,
+        s_qb,
+        s_qh,
+        s_ql,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_ob,
+        s_oh,
+        s_ol,
+        L,
+        Lk,
+        Hq,
+        qk_scale,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -86,8 +113,9 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         m_ok = offs_m < L
         d_ok = offs_d < HEAD_DIM
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        q = tl.load(
+            Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(DOT_DTYPE)
 
         lo = 0
         hi = Lk
@@ -130,13 +158,29 @@ if triton is not None:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         acc = acc / l_safe[:, None]
         tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
-        tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
-                 acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(
+            O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
+            acc.to(O.dtype.element_ty),
+            mask=m_ok[:, None] & d_ok[None, :],
+        )
 
     @triton.jit
     def _attn_bwd_delta(
-        O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, R, L, Hq,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        O,
+        DO,
+        DELTA,
+        s_ob,
+        s_oh,
+        s_ol,
+        s_db,
+        s_dh,
+        s_dl,
+        R,
+        L,
+        Hq,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (b, h, l), as DELTA's layout; R < 2^31
         b = (r // (Hq * L)).to(tl.int64)  # 32-bit division (64-bit needs a call and stack), 64-bit addresses
@@ -150,13 +194,50 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, RUN, START, END,
-        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
-        s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
-        L, Lk, Hq, Hkv, qk_scale, sm_scale,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        RUN,
+        START,
+        END,
+        s_qb,
+        s_qh,
+        s_ql,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_db,
+        s_dh,
+        s_dl,
+        s_dkb,
+        s_dkh,
+        s_dkl,
+        s_dvb,
+        s_dvh,
+        s_dvl,
+        L,
+        Lk,
+        Hq,
+        Hkv,
+        qk_scale,
+        sm_scale,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -210,17 +291,54 @@ if triton is not None:
                 dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
 
         dk = dk * sm_scale
-        tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(
+            DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask
+        )
+        tl.store(
+            DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask
+        )
 
     @triton.jit
     def _attn_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, RUN, START, END,
-        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl, s_dqb, s_dqh, s_dql,
-        L, Lk, Hq, qk_scale, sm_scale,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        RUN,
+        START,
+        END,
+        s_qb,
+        s_qh,
+        s_ql,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_db,
+        s_dh,
+        s_dl,
+        s_dqb,
+        s_dqh,
+        s_dql,
+        L,
+        Lk,
+        Hq,
+        qk_scale,
+        sm_scale,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -279,22 +397,60 @@ if triton is not None:
 # its target by tests/test_kernels_aot.py, which fails on register spills or shared memory over
 # the limit; the lists below are the ones that passed (others were tried and dropped).
 FWD_CONFIGS = {
-    80: [(128, 64, 4, 3, "s"), (64, 64, 4, 3, "s"), (128, 32, 4, 4, "s"),
-         (128, 64, 8, 2, "l"), (64, 64, 4, 2, "lf"), (128, 32, 8, 2, "lf")],
-    90: [(128, 128, 8, 3, "s"), (128, 64, 4, 3, "s"), (64, 128, 4, 3, "s"),
-         (128, 64, 8, 3, "l"), (128, 128, 8, 2, "l"), (64, 64, 4, 3, "l"),
-         (64, 64, 8, 2, "f"), (128, 32, 8, 2, "f"), (64, 32, 4, 3, "f")],
+    80: [
+        (128, 64, 4, 3, "s"),
+        (64, 64, 4, 3, "s"),
+        (128, 32, 4, 4, "s"),
+        (128, 64, 8, 2, "l"),
+        (64, 64, 4, 2, "lf"),
+        (128, 32, 8, 2, "lf"),
+    ],
+    90: [
+        (128, 128, 8, 3, "s"),
+        (128, 64, 4, 3, "s"),
+        (64, 128, 4, 3, "s"),
+        (128, 64, 8, 3, "l"),
+        (128, 128, 8, 2, "l"),
+        (64, 64, 4, 3, "l"),
+        (64, 64, 8, 2, "f"),
+        (128, 32, 8, 2, "f"),
+        (64, 32, 4, 3, "f"),
+    ],
 }
 BWD_CONFIGS = {  # dK/dV holds BLOCK_N keys and walks BLOCK_M queries
-    80: [(32, 64, 4, 3, "s"), (64, 64, 8, 2, "sl"), (32, 128, 8, 2, "s"), (32, 64, 4, 2, "l"), (16, 64, 4, 2, "l"),
-         (32, 64, 8, 2, "f"), (16, 64, 8, 2, "f"), (32, 32, 4, 2, "f")],
-    90: [(64, 64, 8, 3, "s"), (64, 128, 8, 2, "s"), (32, 128, 8, 3, "s"),
-         (64, 64, 8, 2, "l"), (32, 64, 4, 3, "l"), (32, 128, 8, 2, "l"), (16, 64, 4, 2, "f"), (32, 128, 8, 1, "f")],
+    80: [
+        (32, 64, 4, 3, "s"),
+        (64, 64, 8, 2, "sl"),
+        (32, 128, 8, 2, "s"),
+        (32, 64, 4, 2, "l"),
+        (16, 64, 4, 2, "l"),
+        (32, 64, 8, 2, "f"),
+        (16, 64, 8, 2, "f"),
+        (32, 32, 4, 2, "f"),
+    ],
+    90: [
+        (64, 64, 8, 3, "s"),
+        (64, 128, 8, 2, "s"),
+        (32, 128, 8, 3, "s"),
+        (64, 64, 8, 2, "l"),
+        (32, 64, 4, 3, "l"),
+        (32, 128, 8, 2, "l"),
+        (16, 64, 4, 2, "f"),
+        (32, 128, 8, 1, "f"),
+    ],
 }
 DQ_CONFIGS = {  # dQ holds BLOCK_M queries and walks BLOCK_N keys
     80: [(64, 32, 4, 3, "s"), (64, 64, 8, 2, "sl"), (128, 32, 8, 2, "s"), (64, 32, 4, 2, "lf"), (64, 16, 4, 2, "lf")],
-    90: [(64, 64, 4, 3, "s"), (128, 64, 8, 2, "sl"), (128, 32, 4, 3, "s"), (64, 64, 8, 2, "l"), (64, 32, 4, 3, "l"),
-         (64, 32, 8, 2, "f"), (32, 32, 4, 3, "f"), (64, 16, 4, 2, "f")],
+    90: [
+        (64, 64, 4, 3, "s"),
+        (128, 64, 8, 2, "sl"),
+        (128, 32, 4, 3, "s"),
+        (64, 64, 8, 2, "l"),
+        (64, 32, 4, 3, "l"),
+        (64, 32, 8, 2, "f"),
+        (32, 32, 4, 3, "f"),
+        (64, 16, 4, 2, "f"),
+    ],
 }
 CPU_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 """Under the interpreter: large blocks (fewer program instances); still smaller than the test
@@ -340,7 +496,9 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _check(q, k, v, doc_ids):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"attention wants q [B,Hq,L,D] and k/v [B,Hkv,Lk,D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"attention wants q [B,Hq,L,D] and k/v [B,Hkv,Lk,D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, Hq, L, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
         raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need equal B, D and Hq % Hkv == 0)")
@@ -372,12 +530,33 @@ class _Attention(torch.autograd.Function):
         lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
         dot_dtype, precision = dot_mode(q.dtype, q.device)
         common = dict(
-            GROUP=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=max(16, next_power_of_2(D)), CAUSAL=bool(causal),
-            HAS_DOCS=doc_ids is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            GROUP=Hq // Hkv,
+            HEAD_DIM=D,
+            HEAD_DIM_PAD=max(16, next_power_of_2(D)),
+            CAUSAL=bool(causal),
+            HAS_DOCS=doc_ids is not None,
+            DOT_DTYPE=dot_dtype,
+            PRECISION=precision,
         )
-        FWD(lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq), q.device,
-            q, k, v, o, lse, *runs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            L, Lk, Hq, scale * 1.4426950408889634, **common)
+        FWD(
+            lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq),
+            q.device,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            *runs,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *o.stride()[:3],
+            L,
+            Lk,
+            Hq,
+            scale * 1.4426950408889634,
+            **common,
+        )
         ctx.save_for_backward(q, k, v, o, lse, *(runs if doc_ids is not None else ()))
         ctx.has_docs, ctx.scale, ctx.common = doc_ids is not None, scale, common
         return o
@@ -393,18 +572,70 @@ class _Attention(torch.autograd.Function):
         delta = torch.empty_like(lse)
         rows, d_pad = B * Hq * L, max(16, next_power_of_2(D))
         block = 64 if q.is_cuda else min(next_power_of_2(rows), max(1, 32768 // d_pad))
-        DELTA((triton.cdiv(rows, block),), q.device, o, do, delta, *o.stride()[:3], *do.stride()[:3], rows, L, Hq,
-              meta=dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block))
+        DELTA(
+            (triton.cdiv(rows, block),),
+            q.device,
+            o,
+            do,
+            delta,
+            *o.stride()[:3],
+            *do.stride()[:3],
+            rows,
+            L,
+            Hq,
+            meta=dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block),
+        )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qk_scale = ctx.scale * 1.4426950408889634
-        DKDV(lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), B * Hkv), q.device,
-             q, k, v, do, lse, delta, dk, dv, *runs,
-             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-             L, Lk, Hq, Hkv, qk_scale, ctx.scale, **ctx.common)
-        DQ(lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq), q.device,
-           q, k, v, do, lse, delta, dq, *runs,
-           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-           L, Lk, Hq, qk_scale, ctx.scale, **ctx.common)
+        DKDV(
+            lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), B * Hkv),
+            q.device,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            *runs,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *do.stride()[:3],
+            *dk.stride()[:3],
+            *dv.stride()[:3],
+            L,
+            Lk,
+            Hq,
+            Hkv,
+            qk_scale,
+            ctx.scale,
+            **ctx.common,
+        )
+        DQ(
+            lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * Hq),
+            q.device,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            *runs,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *do.stride()[:3],
+            *dq.stride()[:3],
+            L,
+            Lk,
+            Hq,
+            qk_scale,
+            ctx.scale,
+            **ctx.common,
+        )
         return dq, dk, dv, None, None, None
 
 
@@ -423,12 +654,33 @@ def aot_cases():
     for target in (80, 90):
         for cls, dtype, D in variants:
             dot = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
-            common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=D, CAUSAL=True, HAS_DOCS=True, DOT_DTYPE=dot, PRECISION="tf32")
+            common = dict(
+                GROUP=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=D, CAUSAL=True, HAS_DOCS=True, DOT_DTYPE=dot, PRECISION="tf32"
+            )
             q_str = (Hq * L * D, L * D, D)
             kv_str = (Hkv * L * D, L * D, D)
-            args = dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
-                        DELTA=torch.float32, RUN=torch.int32, START=torch.int32, END=torch.int32, L=L, Lk=L, R=B * Hq * L, Hq=Hq, Hkv=Hkv,
-                        qk_scale=0.125 * 1.4426950408889634, sm_scale=0.125)
+            args = dict(
+                Q=dtype,
+                K=dtype,
+                V=dtype,
+                O=dtype,
+                DO=dtype,
+                DQ=dtype,
+                DK=dtype,
+                DV=dtype,
+                LSE=torch.float32,
+                DELTA=torch.float32,
+                RUN=torch.int32,
+                START=torch.int32,
+                END=torch.int32,
+                L=L,
+                Lk=L,
+                R=B * Hq * L,
+                Hq=Hq,
+                Hkv=Hkv,
+                qk_scale=0.125 * 1.4426950408889634,
+                sm_scale=0.125,
+            )
             for prefix, strides in dict(q=q_str, k=kv_str, v=kv_str, o=q_str, d=q_str, dq=q_str, dk=kv_str, dv=kv_str).items():
                 args.update(zip((f"s_{prefix}b", f"s_{prefix}h", f"s_{prefix}l"), strides))
             tag = f"{str(dtype)[6:]} d{D}"
@@ -437,5 +689,6 @@ def aot_cases():
                     if cls in c.classes:
                         label = f"{tag} M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                         yield Case(name, target, label, launcher.fn, args, dict(common, **c.kwargs), c.num_warps, c.num_stages)
-            yield Case("attn_bwd_delta", target, f"{tag} M64 w4", DELTA.fn, args,
-                       dict(HEAD_DIM=D, HEAD_DIM_PAD=D, BLOCK_M=64), 4, 3)
+            yield Case(
+                "attn_bwd_delta", target, f"{tag} M64 w4", DELTA.fn, args, dict(HEAD_DIM=D, HEAD_DIM_PAD=D, BLOCK_M=64), 4, 3
+            )

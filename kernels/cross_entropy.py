@@ -36,7 +36,9 @@ _REDUCTIONS = ("sum", "mean", "none")
 
 
 def cross_entropy_reference(logits, labels, ignore_index: int = -100, reduction: str = "sum"):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction=reduction
+    )
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "sum"):
@@ -48,8 +50,21 @@ if triton is not None:
 
     @triton.jit
     def _cross_entropy(
-        LOGITS, LABELS, LOSS, LSE, SCALE, GRAD, s_row, s_grad, R, V, ignore_index,
-        LOSS_PASS: tl.constexpr, GRAD_PASS: tl.constexpr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr,
+        LOGITS,
+        LABELS,
+        LOSS,
+        LSE,
+        SCALE,
+        GRAD,
+        s_row,
+        s_grad,
+        R,
+        V,
+        ignore_index,
+        LOSS_PASS: tl.constexpr,
+        GRAD_PASS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         r_ok = rows < R
@@ -102,8 +117,22 @@ def _launch(logits2, labels1, loss, lse, scale, grad, ignore_index: int, loss_pa
     R, V = logits2.shape
     meta = _meta(R, V, logits2.device)
     meta.update(LOSS_PASS=loss_pass, GRAD_PASS=grad_pass)
-    CE((triton.cdiv(R, meta["ROWS"]),), logits2.device, logits2, labels1, loss, lse, scale, grad,
-       logits2.stride(0), grad.stride(0), R, V, int(ignore_index), meta=meta)
+    CE(
+        (triton.cdiv(R, meta["ROWS"]),),
+        logits2.device,
+        logits2,
+        labels1,
+        loss,
+        lse,
+        scale,
+        grad,
+        logits2.stride(0),
+        grad.stride(0),
+        R,
+        V,
+        int(ignore_index),
+        meta=meta,
+    )
 
 
 def _rows(logits, labels):
@@ -224,7 +253,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         H = hidden.shape[-1]
         V = weight.shape[0]
         if weight.dim() != 2 or weight.shape[1] != H or (bias is not None and bias.shape != (V,)):
-            raise ValueError(f"fused_linear_cross_entropy: weight {tuple(weight.shape)} / bias {None if bias is None else tuple(bias.shape)} do not fit hidden size {H}")
+            raise ValueError(
+                f"fused_linear_cross_entropy: weight {tuple(weight.shape)} / bias {None if bias is None else tuple(bias.shape)} do not fit hidden size {H}"
+            )
         h2 = hidden.reshape(-1, H)
         y = labels.reshape(-1).contiguous()
         if y.shape[0] != h2.shape[0]:
@@ -234,7 +265,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         size = chunk or chunk_rows(N, H, V)
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-        ctx.reduction, ctx.ignore_index, ctx.chunk_loss, ctx.size, ctx.hidden_shape = reduction, ignore_index, chunk_loss, size, hidden.shape
+        ctx.reduction, ctx.ignore_index, ctx.chunk_loss, ctx.size, ctx.hidden_shape = (
+            reduction,
+            ignore_index,
+            chunk_loss,
+            size,
+            hidden.shape,
+        )
         if reduction == "none":  # the backward needs per-token gradients: recompute there
             with torch.no_grad():
                 for s, e in _chunks(N, size):
@@ -263,8 +300,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h2, weight, bias, y, valid = ctx.saved_tensors
             need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
             scale = _row_scale(grad_out, valid, "none")
-            grads = [torch.empty_like(h2) if need_h else None, torch.zeros_like(weight) if need_w else None,
-                     torch.zeros_like(bias) if need_b else None]
+            grads = [
+                torch.empty_like(h2) if need_h else None,
+                torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None,
+            ]
             with torch.no_grad():
                 for s, e in _chunks(h2.shape[0], ctx.size):
                     logits = F.linear(h2[s:e], weight, bias)
@@ -285,14 +325,23 @@ def _accumulate(dlogits, h, weight, grad_h, grad_w, grad_b, s, e):
         grad_b.add_(dlogits.sum(0))
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "sum",
-                               chunk_loss: Optional[ChunkLoss] = None, chunk: Optional[int] = None):
+def fused_linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    chunk_loss: Optional[ChunkLoss] = None,
+    chunk: Optional[int] = None,
+):
     """Chunked linear + cross-entropy (differentiable in hidden, weight and bias); same contract as
     `fused_linear_cross_entropy_reference`. `chunk_loss` defaults to the Triton kernel; `chunk`
     overrides the rows per chunk."""
     _check_reduction(reduction, "fused_linear_cross_entropy")
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index, reduction,
-                                          chunk_loss or chunk_loss_triton, chunk)
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, labels, bias, ignore_index, reduction, chunk_loss or chunk_loss_triton, chunk
+    )
 
 
 def aot_cases():
@@ -303,8 +352,31 @@ def aot_cases():
             for vocab in (5000, 128256):
                 meta = gpu_settings(vocab)
                 warps = meta.pop("num_warps")
-                args = dict(LOGITS=dtype, LABELS=torch.int64, LOSS=torch.float32, LSE=torch.float32, SCALE=torch.float32,
-                            GRAD=dtype, s_row=vocab, s_grad=vocab, R=8192, V=vocab, ignore_index=-100)
-                for name, loss_pass, grad_pass in (("ce_fwd", True, False), ("ce_bwd", False, True), ("ce_fused_chunk", True, True)):
-                    yield Case(name, target, f"{str(dtype)[6:]} V{vocab} BV{meta['BLOCK_V']} w{warps}", CE.fn, args,
-                               dict(meta, LOSS_PASS=loss_pass, GRAD_PASS=grad_pass), warps, 1)
+                args = dict(
+                    LOGITS=dtype,
+                    LABELS=torch.int64,
+                    LOSS=torch.float32,
+                    LSE=torch.float32,
+                    SCALE=torch.float32,
+                    GRAD=dtype,
+                    s_row=vocab,
+                    s_grad=vocab,
+                    R=8192,
+                    V=vocab,
+                    ignore_index=-100,
+                )
+                for name, loss_pass, grad_pass in (
+                    ("ce_fwd", True, False),
+                    ("ce_bwd", False, True),
+                    ("ce_fused_chunk", True, True),
+                ):
+                    yield Case(
+                        name,
+                        target,
+                        f"{str(dtype)[6:]} V{vocab} BV{meta['BLOCK_V']} w{warps}",
+                        CE.fn,
+                        args,
+                        dict(meta, LOSS_PASS=loss_pass, GRAD_PASS=grad_pass),
+                        warps,
+                        1,
+                    )

@@ -89,12 +89,14 @@ def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "su
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "sum"):
     chunk_loss = _cross_entropy.chunk_loss_triton if _use_triton(hidden) else _cross_entropy.chunk_loss_torch
-    return _cross_entropy.fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                                     reduction=reduction, chunk_loss=chunk_loss)
+    return _cross_entropy.fused_linear_cross_entropy(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, chunk_loss=chunk_loss
+    )
 
 
-def adamw_optimizer(param_groups: Iterable, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def adamw_optimizer(
+    param_groups: Iterable, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """AdamW for `param_groups` (tensors or dicts; a group's own "weight_decay" wins): the fused
     Triton optimizer when the parameters are on CUDA under `auto` (always under `triton`),
     torch.optim.AdamW otherwise."""

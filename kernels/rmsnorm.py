@@ -47,8 +47,19 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_bwd(
-        DY, X, W, RSTD, DX, DW_PART, s_dy, s_x, s_dx, R, N,
-        BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PART,
+        s_dy,
+        s_x,
+        s_dx,
+        R,
+        N,
+        BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         step = tl.num_programs(0) * ROWS
@@ -102,7 +113,9 @@ class _RMSNorm(torch.autograd.Function):
         if weight.shape != (N,):
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {N}")
         if N > MAX_HIDDEN:
-            raise ValueError(f"rms_norm: hidden size {N} > {MAX_HIDDEN} is not supported by the Triton kernel; use LLMTRAIN_KERNELS=torch")
+            raise ValueError(
+                f"rms_norm: hidden size {N} > {MAX_HIDDEN} is not supported by the Triton kernel; use LLMTRAIN_KERNELS=torch"
+            )
         x2 = x.reshape(-1, N)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
@@ -110,7 +123,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty(R, N, dtype=torch.result_type(weight, x), device=x.device)
         rstd = torch.empty(R, dtype=torch.float32, device=x.device)
         meta = _settings(N, R, x.device)
-        FWD((triton.cdiv(R, meta["ROWS"]),), x.device, x2, weight, y, rstd, x2.stride(0), y.stride(0), R, N, float(eps), meta=meta)
+        FWD(
+            (triton.cdiv(R, meta["ROWS"]),), x.device, x2, weight, y, rstd, x2.stride(0), y.stride(0), R, N, float(eps), meta=meta
+        )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], N)
@@ -126,7 +141,9 @@ class _RMSNorm(torch.autograd.Function):
         meta = _settings(N, R, x2.device)
         programs = _backward_programs(R, meta, x2.device)
         dw_part = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
-        BWD((programs,), x2.device, dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), R, N, meta=meta)
+        BWD(
+            (programs,), x2.device, dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), R, N, meta=meta
+        )
         return dx.view(ctx.x_shape), dw_part.sum(0).to(weight.dtype), None
 
 
@@ -143,10 +160,35 @@ def aot_cases():
                 meta = gpu_settings(n)
                 warps = meta.pop("num_warps")
                 tag = f"{str(dtype)[6:]} N{n} B{meta['BLOCK_N']} R{meta['ROWS']} w{warps}"
-                yield Case("rms_norm_fwd", target, tag, FWD.fn,
-                           dict(X=dtype, W=dtype, Y=dtype, RSTD=torch.float32, s_x=n, s_y=n, R=8192, N=n, eps=1e-5),
-                           meta, warps, 1)
-                yield Case("rms_norm_bwd", target, tag, BWD.fn,
-                           dict(DY=dtype, X=dtype, W=dtype, RSTD=torch.float32, DX=dtype, DW_PART=torch.float32,
-                                s_dy=n, s_x=n, s_dx=n, R=8192, N=n),
-                           meta, warps, 1)
+                yield Case(
+                    "rms_norm_fwd",
+                    target,
+                    tag,
+                    FWD.fn,
+                    dict(X=dtype, W=dtype, Y=dtype, RSTD=torch.float32, s_x=n, s_y=n, R=8192, N=n, eps=1e-5),
+                    meta,
+                    warps,
+                    1,
+                )
+                yield Case(
+                    "rms_norm_bwd",
+                    target,
+                    tag,
+                    BWD.fn,
+                    dict(
+                        DY=dtype,
+                        X=dtype,
+                        W=dtype,
+                        RSTD=torch.float32,
+                        DX=dtype,
+                        DW_PART=torch.float32,
+                        s_dy=n,
+                        s_x=n,
+                        s_dx=n,
+                        R=8192,
+                        N=n,
+                    ),
+                    meta,
+                    warps,
+                    1,
+                )

@@ -41,8 +41,25 @@ if triton is not None:
 
     @triton.jit
     def _rope(
-        X, COS, SIN, OUT, s_xb, s_xh, s_xl, s_ob, s_oh, s_ol, s_cb, s_cl, R, H, L,
-        HALF: tl.constexpr, HALF_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr,
+        X,
+        COS,
+        SIN,
+        OUT,
+        s_xb,
+        s_xh,
+        s_xl,
+        s_ob,
+        s_oh,
+        s_ol,
+        s_cb,
+        s_cl,
+        R,
+        H,
+        L,
+        HALF: tl.constexpr,
+        HALF_PAD: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows (b, h, l) of x; R < 2^31
         b = (r // (H * L)).to(tl.int64)  # 32-bit division (64-bit needs a call and stack), 64-bit addresses
@@ -91,15 +108,31 @@ def _rotate(x, cos, sin, out_dtype, backward: bool):
     else:  # interpreter: tiles of up to 32K elements, few programs
         meta = {"BLOCK_R": min(next_power_of_2(rows), max(1, 32768 // half_pad))}
     meta.update(HALF=D // 2, HALF_PAD=half_pad, BACKWARD=backward)
-    ROPE(lambda m: (triton.cdiv(rows, m["BLOCK_R"]),), x.device,
-         x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], s_cb, cos.stride(-2), rows, H, L, meta=meta)
+    ROPE(
+        lambda m: (triton.cdiv(rows, m["BLOCK_R"]),),
+        x.device,
+        x,
+        cos,
+        sin,
+        out,
+        *x.stride()[:3],
+        *out.stride()[:3],
+        s_cb,
+        cos.stride(-2),
+        rows,
+        H,
+        L,
+        meta=meta,
+    )
     return out
 
 
 def _tables(cos, sin, q):
     B, _, L, D = q.shape
     if cos.shape != sin.shape or cos.shape[-2:] != (L, D) or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] != B):
-        raise ValueError(f"apply_rope: cos/sin must be [L, D] or [B, L, D] = {(B, L, D)}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        raise ValueError(
+            f"apply_rope: cos/sin must be [L, D] or [B, L, D] = {(B, L, D)}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     if D % 2:
         raise ValueError(f"apply_rope: head dim {D} must be even")
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
@@ -115,8 +148,7 @@ class _Rope(torch.autograd.Function):
         cos, sin = _tables(cos, sin, q)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
-        return (_rotate(q, cos, sin, torch.result_type(q, cos), False),
-                _rotate(k, cos, sin, torch.result_type(k, cos), False))
+        return (_rotate(q, cos, sin, torch.result_type(q, cos), False), _rotate(k, cos, sin, torch.result_type(k, cos), False))
 
     @staticmethod
     def backward(ctx, dq, dk):
@@ -140,7 +172,30 @@ def aot_cases():
                 meta = gpu_settings(D)
                 warps = meta.pop("num_warps")
                 for backward in (False, True):
-                    args = dict(X=dtype, COS=dtype, SIN=dtype, OUT=dtype, s_xb=H * L * D, s_xh=D, s_xl=H * D,
-                                s_ob=H * L * D, s_oh=L * D, s_ol=D, s_cb=L * D, s_cl=D, R=B * H * L, H=H, L=L)
-                    yield Case("rope_bwd" if backward else "rope_fwd", target, f"{str(dtype)[6:]} d{D} BR{meta['BLOCK_R']} w{warps}",
-                               ROPE.fn, args, dict(meta, HALF=D // 2, HALF_PAD=D // 2, BACKWARD=backward), warps, 1)
+                    args = dict(
+                        X=dtype,
+                        COS=dtype,
+                        SIN=dtype,
+                        OUT=dtype,
+                        s_xb=H * L * D,
+                        s_xh=D,
+                        s_xl=H * D,
+                        s_ob=H * L * D,
+                        s_oh=L * D,
+                        s_ol=D,
+                        s_cb=L * D,
+                        s_cl=D,
+                        R=B * H * L,
+                        H=H,
+                        L=L,
+                    )
+                    yield Case(
+                        "rope_bwd" if backward else "rope_fwd",
+                        target,
+                        f"{str(dtype)[6:]} d{D} BR{meta['BLOCK_R']} w{warps}",
+                        ROPE.fn,
+                        args,
+                        dict(meta, HALF=D // 2, HALF_PAD=D // 2, BACKWARD=backward),
+                        warps,
+                        1,
+                    )

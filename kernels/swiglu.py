@@ -87,5 +87,13 @@ def aot_cases():
         for dtype in (torch.bfloat16, torch.float32):
             for backward in (False, True):
                 args = dict(G=dtype, U=dtype, DY=dtype, OUT=dtype, DG=dtype, DU=dtype, n=1 << 24)
-                yield Case("swiglu_bwd" if backward else "swiglu_fwd", target, f"{str(dtype)[6:]} B{meta['BLOCK']} w{warps}",
-                           SWIGLU.fn, args, dict(meta, BACKWARD=backward), warps, 1)
+                yield Case(
+                    "swiglu_bwd" if backward else "swiglu_fwd",
+                    target,
+                    f"{str(dtype)[6:]} B{meta['BLOCK']} w{warps}",
+                    SWIGLU.fn,
+                    args,
+                    dict(meta, BACKWARD=backward),
+                    warps,
+                    1,
+                )

@@ -160,8 +160,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     if resume == "never":
         if find_latest(run_dir) is not None:
             raise UserError(
-                f"{run_dir} already holds checkpoints and train.resume=never; "
-                "use a new run.dir, or train.resume=auto to continue"
+                f"{run_dir} already holds checkpoints and train.resume=never; use a new run.dir, or train.resume=auto to continue"
             )
         return None
     path = Path(resume)
@@ -197,8 +196,9 @@ def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], world_s
         raise UserError(f"checkpoint {path} was written with zero.stage={meta['zero_stage']}; resume with that stage")
 
 
-def resume_point(resume: str, run_dir: Path, model_config: dict[str, Any], world_size: int, zero_stage: int,
-                 after_failure: bool = False) -> Optional[tuple[Path, dict[str, Any]]]:
+def resume_point(
+    resume: str, run_dir: Path, model_config: dict[str, Any], world_size: int, zero_stage: int, after_failure: bool = False
+) -> Optional[tuple[Path, dict[str, Any]]]:
     """(checkpoint, its meta) a run continues from, checked against this run's model shape,
     world size and ZeRO stage; None for a fresh start. After a failure (Ray Train restarted
     the workers) the newest complete checkpoint, whatever `train.resume` says."""

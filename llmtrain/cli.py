@@ -54,7 +54,14 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
 def _tokenizer(args: argparse.Namespace) -> None:
     from llmtrain.data.tokenizer_train import train_tokenizer  # on use: `llmtrain --help` loads no torch/ray
 
-    train_tokenizer(args.input, args.vocab_size, args.output, max_sentences=args.max_sentences, threads=args.threads, text_column=args.text_column)
+    train_tokenizer(
+        args.input,
+        args.vocab_size,
+        args.output,
+        max_sentences=args.max_sentences,
+        threads=args.threads,
+        text_column=args.text_column,
+    )
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +74,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="W", help="default: all cores")
     p.add_argument("--min-chars", type=int, default=16, help="drop documents shorter than this after cleaning")
     p.add_argument("--text-column", default="text", help="column holding the text in JSONL/Parquet inputs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype (auto: uint16 when the vocab fits)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype (auto: uint16 when the vocab fits)"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
 
 
@@ -142,10 +151,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its newest checkpoint) or one checkpoint directory")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step instead of the newest")
-    p.add_argument("--merge", action="store_true", help="LoRA runs: write the base with the adapter merged (default: the adapter)")
+    p.add_argument(
+        "--merge", action="store_true", help="LoRA runs: write the base with the adapter merged (default: the adapter)"
+    )
 
 
-@command("export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage), or a LoRA run's PEFT adapter", _export_args)
+@command(
+    "export", "write a checkpoint as a Hugging Face model directory (any ZeRO stage), or a LoRA run's PEFT adapter", _export_args
+)
 def _export(args: argparse.Namespace) -> None:
     from llmtrain.export import export  # on use: `llmtrain --help` loads no torch/ray
 
@@ -184,10 +197,29 @@ def _eval(args: argparse.Namespace) -> None:
         words = dict(w.split("=", 1) for w in args.label_word if "=" in w)
         if len(words) != len(args.label_word):
             raise UserError("--label-word takes LABEL=WORD, e.g. --label-word positive=' positive'")
-        task = DataSection(path=args.task, format="labelled", template=args.template, label_words=words or None,
-                           text_field=args.text_field, label_field=args.label_field, chat_template=args.chat_template)
-    eval_command(args.model_dir, args.adapter, args.data, args.batches, task, args.limit, args.prompt, args.chat,
-                 args.max_new_tokens, args.temperature, args.seed, args.json)
+        task = DataSection(
+            path=args.task,
+            format="labelled",
+            template=args.template,
+            label_words=words or None,
+            text_field=args.text_field,
+            label_field=args.label_field,
+            chat_template=args.chat_template,
+        )
+    eval_command(
+        args.model_dir,
+        args.adapter,
+        args.data,
+        args.batches,
+        task,
+        args.limit,
+        args.prompt,
+        args.chat,
+        args.max_new_tokens,
+        args.temperature,
+        args.seed,
+        args.json,
+    )
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -204,8 +236,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from llmtrain.generate import complete  # on use: `llmtrain --help` loads no torch/ray
 
-    texts = complete(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    texts = complete(
+        args.model_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print("\n\n".join(texts))
 
 
@@ -221,12 +260,25 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override pretraining config keys")
 
 
-@command("quickstart", "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate -> SFT and LoRA", _quickstart_args)
+@command(
+    "quickstart",
+    "tokenizer -> prepare -> pretrain (local Ray, 2 CPU workers) -> export -> generate -> SFT and LoRA",
+    _quickstart_args,
+)
 def _quickstart(args: argparse.Namespace) -> None:
     from llmtrain.quickstart import quickstart  # on use: `llmtrain --help` loads no torch/ray
 
-    quickstart(args.output, corpus=args.corpus, steps=args.steps, vocab_size=args.vocab_size, seq_len=args.seq_len,
-               workers=args.workers, overrides=args.overrides, sft_steps=args.sft_steps, sft_data=args.sft_data)
+    quickstart(
+        args.output,
+        corpus=args.corpus,
+        steps=args.steps,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        workers=args.workers,
+        overrides=args.overrides,
+        sft_steps=args.sft_steps,
+        sft_data=args.sft_data,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +286,12 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, metavar="URL",
-                   help="the cluster's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="the cluster's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)",
+    )
 
 
 def _submit_args(p: argparse.ArgumentParser) -> None:
@@ -243,15 +299,22 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     _address_arg(p)
     p.add_argument("--task", default="pretrain", choices=list(TASKS), help="what the job runs (default: pretrain)")
     p.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 only if it succeeded")
-    p.add_argument("--no-resource-check", action="store_true", help="submit even if the alive nodes cannot hold the workers (autoscaling clusters)")
+    p.add_argument(
+        "--no-resource-check",
+        action="store_true",
+        help="submit even if the alive nodes cannot hold the workers (autoscaling clusters)",
+    )
 
 
-@command("submit", "submit a training job to a Ray cluster (Jobs API) with this checkout's code and the resolved config", _submit_args)
+@command(
+    "submit", "submit a training job to a Ray cluster (Jobs API) with this checkout's code and the resolved config", _submit_args
+)
 def _submit(args: argparse.Namespace) -> int:
     from llmtrain.submit import submit  # on use: `llmtrain --help` loads no torch/ray
 
-    return submit(args.config, args.overrides, args.address, task=args.task, follow=args.follow,
-                  resource_check=not args.no_resource_check)
+    return submit(
+        args.config, args.overrides, args.address, task=args.task, follow=args.follow, resource_check=not args.no_resource_check
+    )
 
 
 def _jobs_args(p: argparse.ArgumentParser) -> None:

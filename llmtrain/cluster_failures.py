@@ -82,9 +82,7 @@ def explain(err: BaseException, cfg) -> Optional[ClusterFailure]:
         if not lost:
             return None
         what = "; ".join(f"rank {rank} {why}" for rank, why in lost.items())
-        return ClusterFailure(
-            f"training stopped: {what}; no restart left (cluster.max_failures={c.max_failures}); {resume}"
-        )
+        return ClusterFailure(f"training stopped: {what}; no restart left (cluster.max_failures={c.max_failures}); {resume}")
     return None
 
 
@@ -124,6 +122,9 @@ def _alive_nodes() -> str:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception:  # the driver lost the cluster too
         return "unknown"
-    return ", ".join(
-        f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU {n['Resources'].get('GPU', 0):g} GPU" for n in nodes
-    ) or "none"
+    return (
+        ", ".join(
+            f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU {n['Resources'].get('GPU', 0):g} GPU" for n in nodes
+        )
+        or "none"
+    )

@@ -153,7 +153,7 @@ class ZeroSection(Section):
     offload_params: bool = False
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> "ZeroSection":
+    def _offload_params_needs_stage3(self) -> ZeroSection:
         if self.offload_params and self.stage != 3:
             raise ValueError("offload_params needs stage 3; set zero.stage=3 or zero.offload_params=false")
         return self
@@ -265,8 +265,9 @@ class DpoSection(Section):
         if self.reference is not None and self.loss_type == "simpo":
             raise ValueError("simpo uses no reference model; drop dpo.reference or use loss_type sigmoid/ipo")
         if self.precompute_reference and self.loss_type == "simpo":
-            raise ValueError("simpo uses no reference model, so there is nothing to precompute; "
-                             "set dpo.precompute_reference=false")
+            raise ValueError(
+                "simpo uses no reference model, so there is nothing to precompute; set dpo.precompute_reference=false"
+            )
         return self
 
 

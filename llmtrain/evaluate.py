@@ -52,8 +52,17 @@ def answer_logprobs(forward: Forward, rows: Sequence[tuple[np.ndarray, np.ndarra
     return (logp * mask[:, 1:].to(device)).sum(dim=1).cpu()
 
 
-def choice_accuracy(forward: Forward, choices, limit: int, rank: int, world_size: int, batch_examples: int,
-                    pad_id: int, device, all_reduce: Callable[[list[float]], list[float]]) -> Optional[float]:
+def choice_accuracy(
+    forward: Forward,
+    choices,
+    limit: int,
+    rank: int,
+    world_size: int,
+    batch_examples: int,
+    pad_id: int,
+    device,
+    all_reduce: Callable[[list[float]], list[float]],
+) -> Optional[float]:
     """Accuracy over the first `limit` examples of `choices` (llmtrain.data.sft.Choices), split
     over ranks; every rank runs the same number of forward passes."""
     if choices is None:
@@ -87,7 +96,9 @@ def lm_loss(model, micro_batch: dict[str, torch.Tensor], device) -> tuple[torch.
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches, ctx: WorkerContext, loss=lm_loss, count=count_labels) -> Optional[dict[str, float]]:
+def mean_loss(
+    model: torch.nn.Module, batches, ctx: WorkerContext, loss=lm_loss, count=count_labels
+) -> Optional[dict[str, float]]:
     """{"loss": ..., **stats}: sums over `batches.next_step()` (one call) and all ranks, divided
     by the global count (tokens for language modelling, pairs for preference losses); None when
     the batches hold nothing. `model` (a module or the DeepSpeed engine) is in eval mode meanwhile."""
@@ -107,10 +118,20 @@ def mean_loss(model: torch.nn.Module, batches, ctx: WorkerContext, loss=lm_loss,
     return {k: v / count_all for k, v in zip(keys, totals)} if count_all else None
 
 
-def prepared_val_loss(model, path: Path, micro_batch_size: int, grad_accum: int, ctx: WorkerContext, seed: int = 0) -> Optional[float]:
+def prepared_val_loss(
+    model, path: Path, micro_batch_size: int, grad_accum: int, ctx: WorkerContext, seed: int = 0
+) -> Optional[float]:
     """Token-weighted loss on the validation split of a prepared directory (None if it has none)."""
-    loader = TokenLoader(str(path), split="val", micro_batch_size=micro_batch_size, grad_accum=grad_accum, rank=ctx.rank,
-                         world_size=ctx.world_size, seed=seed, shuffle=False)
+    loader = TokenLoader(
+        str(path),
+        split="val",
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=seed,
+        shuffle=False,
+    )
     if not loader.has_split("val"):
         return None
     result = mean_loss(model, loader, ctx)
@@ -145,15 +166,24 @@ def task_accuracy(model, model_dir: str | Path, data, limit: int = 1000, seq_len
     order = np.arange(min(limit, len(records)))
     label_words = data.label_words or {w: w for w in label_set(records, data.label_field, order)}
     where = lambda i: f"{files[0]}: record {i + 1}"  # noqa: E731
-    choices = make_choices(records, order, order, data, tokenizer, template, seq_len or model.config.max_position_embeddings,
-                           label_words, where)
+    choices = make_choices(
+        records, order, order, data, tokenizer, template, seq_len or model.config.max_position_embeddings, label_words, where
+    )
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     acc = choice_accuracy(lambda ids: model(ids), choices, limit, 0, 1, 16, pad, torch.device("cpu"), lambda v: list(v))
     return {"accuracy": acc, "examples": 0 if choices is None else len(choices.gold), "labels": list(label_words)}
 
 
-def generations(model, model_dir: str | Path, prompts: Sequence[str], chat: bool, max_new_tokens: int = 64,
-                temperature: float = 0.0, top_p: Optional[float] = None, seed: Optional[int] = None) -> list[str]:
+def generations(
+    model,
+    model_dir: str | Path,
+    prompts: Sequence[str],
+    chat: bool,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> list[str]:
     """Continuations of `prompts` (wrapped in the model's chat template with `chat`)."""
     tokenizer = load_hf_tokenizer(model_dir)
     eos = eos_ids(model_dir, model.config.eos_token_id, tokenizer.eos_token_id)
@@ -162,19 +192,38 @@ def generations(model, model_dir: str | Path, prompts: Sequence[str], chat: bool
         if chat:
             if not tokenizer.chat_template:
                 raise UserError(f"{model_dir}: no chat template to wrap prompts in; drop --chat or use a fine-tuned export")
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         else:
             ids = tokenizer(prompt)["input_ids"]
-        tokens = generate(model, list(ids), max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos,
-                          seed=None if seed is None else seed + i)
-        out.append(tokenizer.decode(tokens[len(ids):], skip_special_tokens=True))
+        tokens = generate(
+            model,
+            list(ids),
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=eos,
+            seed=None if seed is None else seed + i,
+        )
+        out.append(tokenizer.decode(tokens[len(ids) :], skip_special_tokens=True))
     return out
 
 
-def eval_command(model_dir: str, adapter: Optional[str], data: Optional[str], batches: int, task_cfg, limit: int,
-                 prompts: Sequence[str], chat: bool, max_new_tokens: int, temperature: float, seed: Optional[int],
-                 as_json: bool) -> dict:
+def eval_command(
+    model_dir: str,
+    adapter: Optional[str],
+    data: Optional[str],
+    batches: int,
+    task_cfg,
+    limit: int,
+    prompts: Sequence[str],
+    chat: bool,
+    max_new_tokens: int,
+    temperature: float,
+    seed: Optional[int],
+    as_json: bool,
+) -> dict:
     if data is None and task_cfg is None and not prompts:
         raise UserError("nothing to evaluate: give --data PREPARED_DIR (perplexity), --task FILE (accuracy) and/or --prompt TEXT")
     model = load_model(model_dir, adapter)
@@ -182,12 +231,16 @@ def eval_command(model_dir: str, adapter: Optional[str], data: Optional[str], ba
     if data is not None:
         result["perplexity"] = perplexity(model, data, batches)
         if not as_json:
-            print(f"perplexity on {data} (val): {result['perplexity']['perplexity']:.3f} (loss {result['perplexity']['val_loss']:.4f})")
+            print(
+                f"perplexity on {data} (val): {result['perplexity']['perplexity']:.3f} (loss {result['perplexity']['val_loss']:.4f})"
+            )
     if task_cfg is not None:
         result["task"] = task_accuracy(model, model_dir, task_cfg, limit)
         if not as_json:
             t = result["task"]
-            print(f"accuracy on {task_cfg.path}: {t['accuracy']:.4f} over {t['examples']} examples (labels {', '.join(t['labels'])})")
+            print(
+                f"accuracy on {task_cfg.path}: {t['accuracy']:.4f} over {t['examples']} examples (labels {', '.join(t['labels'])})"
+            )
     if prompts:
         texts = generations(model, model_dir, prompts, chat, max_new_tokens, temperature, seed=seed)
         result["generations"] = [{"prompt": p, "output": t} for p, t in zip(prompts, texts)]
@@ -205,19 +258,25 @@ def eval_command(model_dir: str, adapter: Optional[str], data: Optional[str], ba
 
 def format_report(report: dict) -> str:
     """The end-of-run table (before / after, forgetting, trainable parameters)."""
+
     def cell(x, digits=4):
         return "-" if x is None else f"{x:.{digits}f}"
 
     b, a = report.get("before", {}), report.get("after", {})
     lines = [f"fine-tuning report ({report['report']})", f"  {'':34s}{'before':>10s}{'after':>10s}"]
-    rows = [("task accuracy (label log-prob)", "accuracy"), ("task validation loss", "val_loss"),
-            ("base validation loss (forgetting)", "base_val_loss")]
+    rows = [
+        ("task accuracy (label log-prob)", "accuracy"),
+        ("task validation loss", "val_loss"),
+        ("base validation loss (forgetting)", "base_val_loss"),
+    ]
     for title, key in rows:
         if b.get(key) is not None or a.get(key) is not None:
             lines.append(f"  {title:34s}{cell(b.get(key)):>10s}{cell(a.get(key)):>10s}")
     if "base_val_note" in report:
         lines.append(f"  base validation loss: {report['base_val_note']}")
     p = report["params"]
-    lines.append(f"  trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable'] / p['total']:.2%})"
-                 + (" - LoRA" if report.get("lora") else ""))
+    lines.append(
+        f"  trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable'] / p['total']:.2%})"
+        + (" - LoRA" if report.get("lora") else "")
+    )
     return "\n".join(lines)

@@ -116,8 +116,9 @@ def _run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent  # RUN_DIR/checkpoints/step_N
 
 
-def export_lora(ckpt: Path, meta: dict, model_config, output: Path, merge: bool, tokenizer_dir: Optional[Path],
-                base: Optional[str]) -> Path:
+def export_lora(
+    ckpt: Path, meta: dict, model_config, output: Path, merge: bool, tokenizer_dir: Optional[Path], base: Optional[str]
+) -> Path:
     """A LoRA run's checkpoint -> its PEFT adapter directory, or (`merge`) a merged Hugging Face
     model directory. Tensors come from the consolidated checkpoint (any ZeRO stage)."""
     section = LoraSection.model_validate(meta["config"]["lora"])
@@ -136,6 +137,8 @@ def export_lora(ckpt: Path, meta: dict, model_config, output: Path, merge: bool,
         inject_adapter_in_model(copy_config(config), shell)
     wanted = {n for n, p in shell.named_parameters() if p.requires_grad}
     state = {n: t for n, t in tensors if n in wanted}
-    peft_state = {PREFIX + k: v.contiguous() for k, v in
-                  get_peft_model_state_dict(shell, state_dict=state, save_embedding_layers=False).items()}
+    peft_state = {
+        PREFIX + k: v.contiguous()
+        for k, v in get_peft_model_state_dict(shell, state_dict=state, save_embedding_layers=False).items()
+    }
     return write_adapter(peft_state, config, output, base, tokenizer_dir, expected=expected_shapes(model_config, config))

@@ -25,9 +25,16 @@ EosIds = Union[int, Iterable[int], None]
 
 
 @torch.no_grad()
-def generate(model, input_ids: Union[Sequence[int], torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: EosIds = None,
-             seed: Optional[int] = None) -> Union[list[int], torch.Tensor]:
+def generate(
+    model,
+    input_ids: Union[Sequence[int], torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: EosIds = None,
+    seed: Optional[int] = None,
+) -> Union[list[int], torch.Tensor]:
     """Continue `input_ids` (a list / 1-D tensor, or a [B, L] tensor of equal-length rows) by up
     to `max_new_tokens` tokens. temperature 0 = greedy (top_k/top_p ignored); otherwise sample
     from softmax(logits / temperature) restricted to the top_k tokens and the smallest set whose
@@ -44,8 +51,10 @@ def generate(model, input_ids: Union[Sequence[int], torch.Tensor], max_new_token
         raise UserError("empty prompt: give at least one token (e.g. the tokenizer's BOS)")
     limit = model.config.max_position_embeddings
     if L + max_new_tokens > limit:
-        raise UserError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"{limit} positions; shorten the prompt or lower --max-new-tokens")
+        raise UserError(
+            f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} positions; shorten the prompt or lower --max-new-tokens"
+        )
     eos = torch.tensor(sorted(_eos_set(eos_id)), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
@@ -91,8 +100,9 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int
         raise UserError(f"top_p={top_p} must be in (0, 1] (or omitted)")
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+def _next_token(
+    logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """logits [B, V] (fp32) -> token ids [B]."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -114,9 +124,15 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
 # `llmtrain generate`
 
 
-def complete(model_dir: Union[str, os.PathLike], prompts: Sequence[str], max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             seed: Optional[int] = None) -> list[str]:
+def complete(
+    model_dir: Union[str, os.PathLike],
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> list[str]:
     """Load a Hugging Face-format directory (weights + tokenizer, local files only) and return
     each prompt followed by its continuation, as text."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -131,8 +147,16 @@ def complete(model_dir: Union[str, os.PathLike], prompts: Sequence[str], max_new
         ids = tokenizer(prompt)["input_ids"]
         if not ids and model.config.bos_token_id is not None:
             ids = [model.config.bos_token_id]
-        tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          eos_id=eos, seed=None if seed is None else seed + i)
+        tokens = generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos,
+            seed=None if seed is None else seed + i,
+        )
         texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
     return texts
 
@@ -157,5 +181,7 @@ def load_tokenizer(model_dir: Union[str, os.PathLike]):
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{model_dir}: cannot load its tokenizer ({first}); the directory needs the tokenizer "
-                        "files (tokenizer.json / tokenizer.model + tokenizer_config.json)") from None
+        raise UserError(
+            f"{model_dir}: cannot load its tokenizer ({first}); the directory needs the tokenizer "
+            "files (tokenizer.json / tokenizer.model + tokenizer_config.json)"
+        ) from None

@@ -36,6 +36,7 @@ from llmtrain.train import train_worker
 
 log = logging.getLogger("llmtrain")
 
+
 def launch(cfg: JobConfig, task_name: str, started: Optional[float] = None) -> dict[str, Any]:
     """Run task `task_name` (llmtrain/tasks/) for `cfg` on Ray; returns the final metrics.
     `started`: when the command began (unix time), for the start-up breakdown the workers log."""
@@ -133,7 +134,9 @@ def start_ray(cfg: JobConfig) -> None:
     try:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, TimeoutError) as err:
-        raise UserError(f"cluster.address={address}: could not connect ({err}); check the address and that the cluster is up") from None
+        raise UserError(
+            f"cluster.address={address}: could not connect ({err}); check the address and that the cluster is up"
+        ) from None
 
 
 def _loopback_only() -> None:
@@ -158,8 +161,13 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     port = parsed.port or (10001 if parsed.scheme == "ray" else 6379)
-    reachable.check_reachable(f"cluster.address={address}", parsed.hostname, port,
-                              "check the address (Ray Client listens on port 10001) and that the cluster is running", timeout_s)
+    reachable.check_reachable(
+        f"cluster.address={address}",
+        parsed.hostname,
+        port,
+        "check the address (Ray Client listens on port 10001) and that the cluster is running",
+        timeout_s,
+    )
 
 
 def _gpus_available(cfg: JobConfig) -> bool:

@@ -97,7 +97,6 @@ def quickstart(
         print(f"[quickstart] generate {prompt!r} -> {text!r}")
     stage("generate")
 
-
     tuned = finetune(out, run_dir, inputs, workers, sft_steps, sft_data, stage) if sft_steps > 0 else None
     print("[quickstart] seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return {"summary": summary, "samples": samples, "timings": timings, "model_dir": str(model_dir), "finetune": tuned}

@@ -52,18 +52,36 @@ def continue_dataset(inputs: list[str], output: Path, examples: int = 2000, seed
     return output, [f"Continue: {p}" for p, _ in held_out]
 
 
-def finetune(out: Path, pretrain_run: Path, inputs: list[str], workers: int, steps: int, sft_data: Optional[str],
-             stage: Callable[[str], None]) -> dict:
+def finetune(
+    out: Path,
+    pretrain_run: Path,
+    inputs: list[str],
+    workers: int,
+    steps: int,
+    sft_data: Optional[str],
+    stage: Callable[[str], None],
+) -> dict:
     """Full SFT and LoRA from `pretrain_run`, their reports, and before/after chat generations."""
     if sft_data is None:
         data, prompts = continue_dataset(inputs, out / "sft-data" / "continue.jsonl")
         print(f"[quickstart] instruction data from the corpus: {data} ('Continue: <passage>' -> the next words)")
     else:
         data, prompts = Path(sft_data).resolve(), ["Hello! Who are you?", "What can you do?"]
-    common = [f"model.from={pretrain_run}", f"data.path={data}", "data.format=auto", "data.chat_template=auto",
-              f"data.cache_dir={out / 'sft-cache'}", "data.seq_len=128", f"train.max_steps={steps}",
-              f"cluster.num_workers={workers}", "cluster.use_gpu=false", "checkpoint.every=0", "train.val_every=0",
-              f"train.warmup_steps={max(1, steps // 10)}", "train.log_every=5"]
+    common = [
+        f"model.from={pretrain_run}",
+        f"data.path={data}",
+        "data.format=auto",
+        "data.chat_template=auto",
+        f"data.cache_dir={out / 'sft-cache'}",
+        "data.seq_len=128",
+        f"train.max_steps={steps}",
+        f"cluster.num_workers={workers}",
+        "cluster.use_gpu=false",
+        "checkpoint.every=0",
+        "train.val_every=0",
+        f"train.warmup_steps={max(1, steps // 10)}",
+        "train.log_every=5",
+    ]
     runs = {}
     for name, config, extra in (("sft", "tiny-sft.yaml", []), ("lora", "tiny-lora.yaml", ["lora.r=16", "lora.alpha=32"])):
         run = out / name

@@ -1,9 +1,9 @@
 """Learning-rate schedules as multipliers of the peak LR: linear warmup, then cosine or WSD decay.
 
-    cosine:   1 -> min_lr_ratio along half a cosine over the steps after warmup
-    wsd:      warmup, stable at 1, then linear decay to min_lr_ratio over the final
-              `decay_fraction` of the steps (warmup-stable-decay, as in MiniCPM / OLMo 2)
-    constant: warmup, then 1
+cosine:   1 -> min_lr_ratio along half a cosine over the steps after warmup
+wsd:      warmup, stable at 1, then linear decay to min_lr_ratio over the final
+          `decay_fraction` of the steps (warmup-stable-decay, as in MiniCPM / OLMo 2)
+constant: warmup, then 1
 """
 
 from __future__ import annotations

@@ -64,8 +64,7 @@ def normalize_address(address: Optional[str]) -> str:
     address = address or os.environ.get(ADDRESS_ENV)
     if not address:
         raise UserError(
-            f"no cluster address: pass --address http://HEAD:{DEFAULT_PORT} (the Ray dashboard / Jobs API) "
-            f"or set {ADDRESS_ENV}"
+            f"no cluster address: pass --address http://HEAD:{DEFAULT_PORT} (the Ray dashboard / Jobs API) or set {ADDRESS_ENV}"
         )
     if "://" not in address:
         address = f"http://{address}"
@@ -88,8 +87,13 @@ def normalize_address(address: Optional[str]) -> str:
 def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """A TCP connection to the Jobs API within `timeout_s`, before any Ray client call."""
     parsed = urlparse(url)
-    reachable.check_reachable(f"--address {url}", parsed.hostname, parsed.port,
-                              "check the address (the dashboard port, 8265 by default) and that the cluster is up", timeout_s)
+    reachable.check_reachable(
+        f"--address {url}",
+        parsed.hostname,
+        parsed.port,
+        "check the address (the dashboard port, 8265 by default) and that the cluster is up",
+        timeout_s,
+    )
 
 
 def connect(address: Optional[str]):
@@ -127,7 +131,9 @@ class ray_errors:
                 "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's token file> (see cluster/README.md)"
             ) from None
         if self.job_id is not None and re.search(r"status code 404\b|does not exist", text):
-            raise UserError(f"no job {self.job_id} on {self.url}; list the jobs with `llmtrain jobs list --address {self.url}`") from None
+            raise UserError(
+                f"no job {self.job_id} on {self.url}; list the jobs with `llmtrain jobs list --address {self.url}`"
+            ) from None
         if isinstance(err, (ConnectionError, OSError, RuntimeError)):
             raise UserError(f"{self.url}: {_first_sentence(text)}") from None
         return False
@@ -157,8 +163,10 @@ def alive_nodes(url: str) -> list[Node]:
     with ray_errors(url):
         states = list_nodes(address=url, filters=[("state", "=", "ALIVE")], timeout=10, raise_on_missing_output=False)
     return sorted(
-        (Node(s.node_ip, float(s.resources_total.get("CPU", 0)), float(s.resources_total.get("GPU", 0)), bool(s.is_head_node))
-         for s in states),
+        (
+            Node(s.node_ip, float(s.resources_total.get("CPU", 0)), float(s.resources_total.get("GPU", 0)), bool(s.is_head_node))
+            for s in states
+        ),
         key=lambda n: (not n.is_head, n.ip),
     )
 
@@ -252,8 +260,14 @@ def submission_id(task: str, run_dir: Path) -> str:
     return f"llmtrain-{task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(config: str, overrides: list[str], address: Optional[str], task: str = "pretrain",
-           follow: bool = False, resource_check: bool = True) -> int:
+def submit(
+    config: str,
+    overrides: list[str],
+    address: Optional[str],
+    task: str = "pretrain",
+    follow: bool = False,
+    resource_check: bool = True,
+) -> int:
     """Submit `llmtrain TASK CONFIG overrides...` to the cluster; returns the CLI exit status."""
     if task not in TASKS:
         raise UserError(f"--task {task}: choose one of {', '.join(TASKS)}")

@@ -127,8 +127,11 @@ def run(cfg: JobConfig, task: Task, clock: Optional[StartupClock] = None) -> dic
             clock.mark("first_step")
             writer.write({"step": step - 1, "startup_s": clock.marks, "command_to_first_step_s": clock.total})
             if ctx.is_main:
-                log.info("first optimizer step %.1f s after the command (%s)", clock.total,
-                         ", ".join(f"{k} {v:.1f}" for k, v in clock.marks.items()))
+                log.info(
+                    "first optimizer step %.1f s after the command (%s)",
+                    clock.total,
+                    ", ".join(f"{k} {v:.1f}" for k, v in clock.marks.items()),
+                )
         if not result.finite:
             skipped += 1
             bad_in_a_row += 1
@@ -180,7 +183,9 @@ class StepResult(NamedTuple):
     stats: dict[str, float]  # the task's statistics, per unit, over the global batch
 
 
-def train_step(engine, guard, micro_batches: list[dict[str, torch.Tensor]], ctx: WorkerContext, task: Optional[Task] = None) -> StepResult:
+def train_step(
+    engine, guard, micro_batches: list[dict[str, torch.Tensor]], ctx: WorkerContext, task: Optional[Task] = None
+) -> StepResult:
     """One optimizer step over this rank's micro-batches (the language-model loss without a
     task). An update whose global loss is not finite is skipped."""
     loss_fn, count_fn = (task.loss, task.count) if task is not None else (lm_loss, count_labels)
@@ -220,8 +225,9 @@ def _validate(engine, task: Task, ctx: WorkerContext, writer: MetricsWriter, ste
     return val_loss
 
 
-def _save(engine, train_batches, task: Task, cfg: JobConfig, ctx: WorkerContext, step: int, model_shape: dict,
-          metrics: dict) -> Path:
+def _save(
+    engine, train_batches, task: Task, cfg: JobConfig, ctx: WorkerContext, step: int, model_shape: dict, metrics: dict
+) -> Path:
     meta = {
         "zero_stage": cfg.zero.stage,
         "model_config": model_shape,
@@ -240,7 +246,9 @@ def _record_placement(ctx: WorkerContext, run_dir: Path) -> None:
     if not ctx.is_main:
         return
     for p in placement:
-        log.info("rank %d -> node %d (%s, %s) pid %d %s", p["rank"], p["node_rank"], p["node_ip"], p["hostname"], p["pid"], p["device"])
+        log.info(
+            "rank %d -> node %d (%s, %s) pid %d %s", p["rank"], p["node_rank"], p["node_ip"], p["hostname"], p["pid"], p["device"]
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "placement.json", placement)
 

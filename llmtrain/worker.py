@@ -109,11 +109,17 @@ class WorkerContext:
             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
         )
 
-
     def placement(self) -> list[dict[str, Any]]:
         """Where every rank runs (rank, node rank, node IP, hostname, pid, device), from all ranks."""
-        me = {"rank": self.rank, "local_rank": self.local_rank, "node_rank": 0, "node_ip": "127.0.0.1",
-              "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
+        me = {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "node_rank": 0,
+            "node_ip": "127.0.0.1",
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+        }
         if self.in_ray:
             import ray
             import ray.train

@@ -42,15 +42,29 @@ LORA_CONFIG = REPO / "configs" / "tiny-lora.yaml"
 # Small settings that still mean something: the tiny preset at vocab 512, rows of 64 tokens,
 # 8 rows per step, 2 workers (tests/runtime_support.py's BASE).
 PRETRAIN = [
-    "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_steps=2",
-    "train.log_every=1", "train.val_every=0", "train.val_batches=2", "checkpoint.every=0",
-    "cluster.num_workers=2", "cluster.use_gpu=false",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.val_every=0",
+    "train.val_batches=2",
+    "checkpoint.every=0",
+    "cluster.num_workers=2",
+    "cluster.use_gpu=false",
 ]
 # LoRA on the released stories260K (tiny-lora.yaml), a slice of its pairs, rows of 128 tokens.
 LORA = [
-    "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=1", "train.log_every=1",
-    "train.val_every=0", "checkpoint.every=0", "data.seq_len=128", "data.max_examples=400",
-    "cluster.num_workers=2", "cluster.use_gpu=false",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.val_every=0",
+    "checkpoint.every=0",
+    "data.seq_len=128",
+    "data.max_examples=400",
+    "cluster.num_workers=2",
+    "cluster.use_gpu=false",
 ]
 
 
@@ -87,9 +101,19 @@ def reference_runs(base: Path, jobs: dict[str, tuple[str, Path, Sequence[str]]],
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "done").is_file():
-            payload = json.dumps([[task, str(config), [*overrides, f"run.dir={dirs[name]}"]] for name, (task, config, overrides) in jobs.items()])
+            payload = json.dumps(
+                [[task, str(config), [*overrides, f"run.dir={dirs[name]}"]] for name, (task, config, overrides) in jobs.items()]
+            )
             (out / "driver.py").write_text(_MULTI_JOB)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(out / "driver.py"), payload]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                str(out / "driver.py"),
+                payload,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
             assert proc.returncode == 0, f"reference runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             (out / "done").write_text("")
@@ -151,9 +175,11 @@ class Fault:
     def describe(self) -> str:
         what = f"{self.action.__name__}" if self.action else f"SIGKILL rank {self.rank}"
         what += f" after step {self.at}" if self.kind == "step" else f" while checkpoint {self.at} was written"
-        return (f"{what}: last logged step {self.last_step}, newest complete checkpoint {self.newest_checkpoint}, "
-                f"resumed from {self.resumed_from} ({self.steps_lost} steps lost, "
-                f"{self.recovered_time - self.at_time:.1f} s to the next start)")
+        return (
+            f"{what}: last logged step {self.last_step}, newest complete checkpoint {self.newest_checkpoint}, "
+            f"resumed from {self.resumed_from} ({self.steps_lost} steps lost, "
+            f"{self.recovered_time - self.at_time:.1f} s to the next start)"
+        )
 
 
 class Injector(threading.Thread):

@@ -52,8 +52,19 @@ def tiny_data(base: Path) -> Path:
 
 def torchrun(nproc: int, overrides: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m llmtrain.train CONFIG ...` (no Ray)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "llmtrain.train", str(CONFIG), *BASE, f"cluster.num_workers={nproc}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "llmtrain.train",
+        str(CONFIG),
+        *BASE,
+        f"cluster.num_workers={nproc}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -69,20 +80,34 @@ for task, config, overrides in jobs:
 """
 
 
-def ray_jobs(jobs: Sequence[Sequence[str]], task: str = "pretrain", config: Path = CONFIG, timeout: int = 600) -> subprocess.CompletedProcess:
+def ray_jobs(
+    jobs: Sequence[Sequence[str]], task: str = "pretrain", config: Path = CONFIG, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run several jobs (lists of overrides on top of BASE) one after another in one embedded
     Ray session, exactly as `llmtrain pretrain` launches them."""
     payload = json.dumps([[task, str(config), [*BASE, *job]] for job in jobs])
-    proc = subprocess.run([sys.executable, "-c", _RAY_DRIVER, payload], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RAY_DRIVER, payload],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"ray driver failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
 def llmtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """The `llmtrain` CLI in a subprocess (returns whatever happened; callers assert)."""
-    return subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -101,4 +126,3 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.update(extra)
     return env
-

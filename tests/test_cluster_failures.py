@@ -31,8 +31,16 @@ def cfg(tmp_path):
     ckpt = run / "checkpoints" / "step_00000006"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"step": 6, "files": {}}))
-    return load_config(None, [f"run.dir={run}", "cluster.num_workers=2", "cluster.use_gpu=false",
-                              "cluster.max_failures=1", "cluster.resource_timeout_s=45"])
+    return load_config(
+        None,
+        [
+            f"run.dir={run}",
+            "cluster.num_workers=2",
+            "cluster.use_gpu=false",
+            "cluster.max_failures=1",
+            "cluster.resource_timeout_s=45",
+        ],
+    )
 
 
 def test_failure_settings_bound_the_wait_for_resources(cfg, monkeypatch):
@@ -85,7 +93,9 @@ def test_other_failures_keep_rays_error(cfg, tmp_path):
 
     msg = str(explain(ControllerError(WorkerGroupStartupFailedError("the node died while the worker started")), empty))
     assert msg.startswith("the workers could not be started (the node died while the worker started);")
-    assert msg.endswith("if a node was lost, restart or replace it, then resubmit the job (no checkpoint was complete yet: it starts from step 0)")
+    assert msg.endswith(
+        "if a node was lost, restart or replace it, then resubmit the job (no checkpoint was complete yet: it starts from step 0)"
+    )
 
 
 def test_a_new_driver_forgets_ray_trains_snapshot_of_the_previous_one(tmp_path):

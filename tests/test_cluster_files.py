@@ -60,7 +60,9 @@ def test_launcher_keeps_the_jobs_api_private_and_authenticated():
     head = " ".join(config["head_start_ray_commands"])
     worker = " ".join(config["worker_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
-    assert "RAY_AUTH_MODE=token ray start --head" in head and "RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379" in worker
+    assert (
+        "RAY_AUTH_MODE=token ray start --head" in head and "RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379" in worker
+    )
     assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/llmtrain-aws-token"
 
 
@@ -149,7 +151,7 @@ def test_rayjob_entrypoint_is_a_valid_llmtrain_run():
 @pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
 def test_gpu_workers_request_gpus_and_shared_memory(name):
     spec = ray_cluster_specs()["raycluster" if "raycluster" in name else "rayjob"]
-    for group, pod in pod_templates(spec)[1:]:
+    for _group, pod in pod_templates(spec)[1:]:
         (container,) = pod["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
         shm = [v for v in pod["volumes"] if v["name"] == "dshm"]

@@ -51,7 +51,9 @@ def _missing_requirement() -> str | None:
     return None
 
 
-def script(*args: str, name: str = NAME, subnet: str = SUBNET, ray: Path = RAY, timeout: float = 180) -> subprocess.CompletedProcess:
+def script(
+    *args: str, name: str = NAME, subnet: str = SUBNET, ray: Path = RAY, timeout: float = 180
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, LLMTRAIN_CLUSTER_NAME=name, LLMTRAIN_CLUSTER_SUBNET=subnet, LLMTRAIN_RAY=str(ray))
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -128,9 +130,9 @@ def test_failed_up_cleans_up(tmp_path):
     (fake / "ray").write_text(
         "#!/bin/sh\n"
         'case " $* " in *" --head "*)\n'
-        '  nohup sh -c \'trap "" TERM; while :; do sleep 1; done\' >/dev/null 2>&1 &\n'
-        '  exit 0;;\n'
-        'esac\n'
+        "  nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &\n"
+        "  exit 0;;\n"
+        "esac\n"
         'echo "fake ray: this node refuses to start" >&2\nexit 1\n'
     )
     (fake / "ray").chmod(0o755)
@@ -275,11 +277,20 @@ def _job_id(stdout: str) -> str:
 
 def test_submitted_job_fails_with_our_error_line(cluster, tmp_path):
     run_dir = tmp_path / "run"
-    out = llmtrain("submit", "configs/tiny-pretrain.yaml", f"data.path={tmp_path}/missing", f"run.dir={run_dir}",
-                   "--address", JOBS_API, "--follow")
+    out = llmtrain(
+        "submit",
+        "configs/tiny-pretrain.yaml",
+        f"data.path={tmp_path}/missing",
+        f"run.dir={run_dir}",
+        "--address",
+        JOBS_API,
+        "--follow",
+    )
     assert out.returncode == 1, out.stderr
     job_id = _job_id(out.stdout)
-    error = f"llmtrain: error: {tmp_path}/missing: prepared data directory not found; run `llmtrain prepare` first or fix the path"
+    error = (
+        f"llmtrain: error: {tmp_path}/missing: prepared data directory not found; run `llmtrain prepare` first or fix the path"
+    )
     assert f"Running entrypoint for job {job_id}: python -m llmtrain.cli pretrain config.yaml" in out.stdout
     assert error in out.stdout  # the driver's own line, in the followed logs
     assert out.stderr.strip().splitlines()[-1] == f"llmtrain: job {job_id} FAILED: {error}"
@@ -357,11 +368,24 @@ def test_submitted_pretraining_runs_one_worker_on_each_node(cluster, tmp_path_fa
     data = tiny_data(tmp_path_factory.mktemp("cluster-data"))
     run_dir = tmp_path_factory.mktemp("cluster-run") / "run"
     out = llmtrain(
-        "submit", "configs/tiny-pretrain.yaml", f"data.path={data}", f"run.dir={run_dir}",
-        "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
-        "train.log_every=1", "train.val_every=0", "train.val_batches=1", "checkpoint.every=0",
-        "cluster.num_workers=2", "cluster.placement=spread",
-        "--address", JOBS_API, "--follow", timeout=300,
+        "submit",
+        "configs/tiny-pretrain.yaml",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "train.max_steps=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.val_every=0",
+        "train.val_batches=1",
+        "checkpoint.every=0",
+        "cluster.num_workers=2",
+        "cluster.placement=spread",
+        "--address",
+        JOBS_API,
+        "--follow",
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == f"job {_job_id(out.stdout)} SUCCEEDED"

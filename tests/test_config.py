@@ -36,7 +36,9 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 def test_contract_keys_exist():
     """Scripts outside the project rely on these names (issue 3, section 7)."""
-    cfg = load_config(None, ["run.dir=d", "data.path=p", "train.max_steps=3", "cluster.num_workers=1", "zero.stage=1", "checkpoint.every=2"])
+    cfg = load_config(
+        None, ["run.dir=d", "data.path=p", "train.max_steps=3", "cluster.num_workers=1", "zero.stage=1", "checkpoint.every=2"]
+    )
     assert (cfg.run.dir, cfg.data.path, cfg.train.max_steps) == (Path("d"), Path("p"), 3)
     assert (cfg.cluster.num_workers, cfg.zero.stage, cfg.checkpoint.every) == (1, 1, 2)
 

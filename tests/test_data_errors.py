@@ -37,7 +37,18 @@ def assert_nothing_written(output: Path) -> None:
 
 def prepare_args(inputs, tokenizer, output, seq_len=64, *extra) -> list[str]:
     inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs
-    return ["prepare", "--input", *map(str, inputs), "--tokenizer", str(tokenizer), "--seq-len", str(seq_len), "--output", str(output), *extra]
+    return [
+        "prepare",
+        "--input",
+        *map(str, inputs),
+        "--tokenizer",
+        str(tokenizer),
+        "--seq-len",
+        str(seq_len),
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def test_missing_input(small_tokenizer, tmp_path, capfd):

@@ -21,8 +21,10 @@ def _pairs(path: Path, records: list[dict]) -> Path:
     return path
 
 
-GOOD = [{"prompt": f"Question {i}?", "chosen": f"A good answer number {i}.", "rejected": f"number answer good A {i}."}
-        for i in range(40)]
+GOOD = [
+    {"prompt": f"Question {i}?", "chosen": f"A good answer number {i}.", "rejected": f"number answer good A {i}."}
+    for i in range(40)
+]
 
 
 def _other_shape(out: Path) -> Path:
@@ -48,12 +50,19 @@ def _other_tokenizer(out: Path, tok: Path) -> Path:
 CASES = {
     # name: (records or None for GOOD, extra overrides (callable of tmp paths), phrase of the one-line error)
     "all pairs identical": ([{"prompt": "q?", "chosen": "same", "rejected": "same"}] * 20, [], "no training pairs left"),
-    "missing field": ([*GOOD[:5], {"prompt": "q?", "chosen": "only chosen"}, *GOOD[5:]], [],
-                      "record 6"),
+    "missing field": ([*GOOD[:5], {"prompt": "q?", "chosen": "only chosen"}, *GOOD[5:]], [], "record 6"),
     "beta not positive": (None, ["dpo.beta=0"], "dpo.beta"),
     "no starting model": (None, ["model.from=null", "data.tokenizer={tok}"], "dpo needs a starting model"),
-    "ipo with label smoothing": (None, ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "label_smoothing is not defined for loss_type=ipo"),
-    "simpo with a precomputed reference": (None, ["dpo.loss_type=simpo", "dpo.precompute_reference=true"], "nothing to precompute"),
+    "ipo with label smoothing": (
+        None,
+        ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"],
+        "label_smoothing is not defined for loss_type=ipo",
+    ),
+    "simpo with a precomputed reference": (
+        None,
+        ["dpo.loss_type=simpo", "dpo.precompute_reference=true"],
+        "nothing to precompute",
+    ),
     "reference of another shape": (None, ["dpo.reference={other_shape}"], "has another shape than the policy"),
     "reference with another tokenizer": (None, ["dpo.reference={other_tokenizer}"], "another tokenizer than the policy"),
 }
@@ -72,8 +81,18 @@ def test_bad_input_is_one_line_before_workers_start(case, tmp_path, tmp_path_fac
         paths["other_tokenizer"] = _other_tokenizer(tmp_path / "other-tokenizer", tok)
     run = tmp_path / "run"
     started = time.monotonic()
-    proc = llmtrain("dpo", str(DPO), f"run.dir={run}", f"model.from={STORIES260K}", f"data.path={data}", "data.chat_template=plain",
-                    "data.seq_len=128", "lora.r=4", f"data.cache_dir={tmp_path / 'cache'}", *[e.format(**paths) for e in extra])
+    proc = llmtrain(
+        "dpo",
+        str(DPO),
+        f"run.dir={run}",
+        f"model.from={STORIES260K}",
+        f"data.path={data}",
+        "data.chat_template=plain",
+        "data.seq_len=128",
+        "lora.r=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *[e.format(**paths) for e in extra],
+    )
     seconds = time.monotonic() - started
     lines = [line for line in proc.stderr.splitlines() if line.startswith("llmtrain: error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]

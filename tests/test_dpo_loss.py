@@ -47,8 +47,18 @@ def _inputs(pairs: int = 6, seed: int = 0):
 
 def _ours(loss_type, beta, eps, gamma, pc, pr, rc, rr, nc, nr):
     pc, pr = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
-    losses, c, r = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, simpo_gamma=gamma,
-                                   chosen_lengths=nc, rejected_lengths=nr)
+    losses, c, r = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        simpo_gamma=gamma,
+        chosen_lengths=nc,
+        rejected_lengths=nr,
+    )
     losses.sum().backward()
     return losses.detach(), c, r, pc.grad, pr.grad
 
@@ -91,8 +101,9 @@ def test_sigmoid_is_the_logistic_loss_of_the_reward_margin():
     """At h = 0 the DPO loss is log 2 and the gradient pushes chosen up and rejected down equally."""
     z = torch.zeros(3, dtype=torch.float64)
     losses, _, _, gc, gr = _ours("sigmoid", 0.1, 0.0, 0.5, z, z, z, z, None, None)
-    torch.testing.assert_close(losses, torch.full((3,), torch.log(torch.tensor(2.0, dtype=torch.float64)).item(),
-                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        losses, torch.full((3,), torch.log(torch.tensor(2.0, dtype=torch.float64)).item(), dtype=torch.float64)
+    )
     torch.testing.assert_close(gc, torch.full((3,), -0.05, dtype=torch.float64))
     torch.testing.assert_close(gr, -gc)
 
@@ -132,12 +143,29 @@ def _trl_dpo(loss_type, beta, pc, pr, rc, rr, nc, nr):
         return SimpleNamespace(log_probs=first * seq[:, None], entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
-    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
-                              ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                              loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
-                              use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(2 * P, T, dtype=torch.long), "attention_mask": torch.ones(2 * P, T, dtype=torch.long),
-              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(2 * P, T, dtype=torch.long),
+        "attention_mask": torch.ones(2 * P, T, dtype=torch.long),
+        "completion_mask": completion,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
     loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     loss.backward()
     return loss.detach(), seq.grad[:P], seq.grad[P:], trainer._metrics["train"]
@@ -147,8 +175,14 @@ def _trl_cpo(loss_type, beta, eps, gamma, chosen, rejected):
     """trl.experimental.cpo.CPOTrainer.cpo_loss on (chosen, rejected) values."""
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
-    trainer = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
-                              accelerator=SimpleNamespace(device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=eps,
+        simpo_gamma=gamma,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
     chosen, rejected = chosen.detach().clone().requires_grad_(True), rejected.detach().clone().requires_grad_(True)
     losses, c, r = CPOTrainer.cpo_loss(trainer, chosen, rejected)
     losses.sum().backward()
@@ -205,8 +239,11 @@ def test_sequence_logprobs_sum_exactly_the_positions_of_each_sequence():
 
 def test_pair_values_pick_each_pairs_sequences():
     seq = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mb = {"chosen_index": torch.tensor([0, 2]), "rejected_index": torch.tensor([1, 3]),
-          "response_lengths": torch.tensor([5, 6, 7, 8])}
+    mb = {
+        "chosen_index": torch.tensor([0, 2]),
+        "rejected_index": torch.tensor([1, 3]),
+        "response_lengths": torch.tensor([5, 6, 7, 8]),
+    }
     c, r, nc, nr = pair_values(seq, mb)
     assert c.tolist() == [1, 3] and r.tolist() == [2, 4] and nc.tolist() == [5, 7] and nr.tolist() == [6, 8]
 
@@ -227,8 +264,9 @@ def _packed_split(vocab: int, seed: int = 0):
         mask.append(np.r_[np.zeros(prompt), np.ones(answer)])
         lengths.append(prompt + answer)
     starts = np.r_[0, np.cumsum(lengths)]
-    return PreferenceSplit(np.concatenate(tokens).astype(np.int32), np.concatenate(mask).astype(np.uint8), starts,
-                           np.array([0, 3, 5]), np.arange(5))
+    return PreferenceSplit(
+        np.concatenate(tokens).astype(np.int32), np.concatenate(mask).astype(np.uint8), starts, np.array([0, 3, 5]), np.arange(5)
+    )
 
 
 def _zero3_worker() -> None:
@@ -245,10 +283,23 @@ def _zero3_worker() -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a ~60 s JIT build
     dist.init_process_group("gloo", rank=0, world_size=1)
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
-          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.0}
-    cfg = ModelConfig.from_preset("tiny", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    ds = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 0.0,
+    }
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = Decoder(cfg)
@@ -256,10 +307,12 @@ def _zero3_worker() -> None:
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         plain = Decoder(cfg)
         plain.load_state_dict({n: p.detach().clone() for n, p in model.state_dict().items()})
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=ds,
-                                      dist_init_required=False)
-    mb = PreferenceBatches(_packed_split(96), 64, 0, micro_batch_size=2, grad_accum=1, rank=0, world_size=1,
-                           seed=0).micro_batch([0, 1])
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=ds, dist_init_required=False
+    )
+    mb = PreferenceBatches(_packed_split(96), 64, 0, micro_batch_size=2, grad_accum=1, rank=0, world_size=1, seed=0).micro_batch(
+        [0, 1]
+    )
     ref_c, ref_r = torch.full((5,), -20.0), torch.full((5,), -18.0)
 
     def loss_of(m):
@@ -287,8 +340,9 @@ def test_zero3_per_token_logprobs_and_a_dpo_step_equal_plain_pytorch():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
+    )
     here = Path(__file__).resolve().parent
     code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_dpo_loss; test_dpo_loss._zero3_worker()"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

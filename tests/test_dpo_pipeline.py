@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import SHARED, need_shared
@@ -34,17 +33,47 @@ def test_pretrain_sft_dpo_on_ray(tmp_path_factory):
     pre, sft, lora, full = root / "pre", root / "sft", root / "dpo-lora-z2", root / "dpo-full-z3"
     torchrun(1, [f"data.path={data}", f"run.dir={pre}", "train.max_steps=30", "zero.stage=2"])
     pairs = write_pairs("chat", root / "pairs.jsonl", limit=600, max_chars=300)
-    sft_job = ["sft", str(REPO / "configs" / "tiny-sft.yaml"),
-               [*BASE, f"run.dir={sft}", f"model.from={pre}", f"data.path={SHARED / 'data' / 'sft' / 'chatterbot_english_pairs.json'}",
-                "data.seq_len=128", "data.max_examples=400", "data.max_val_examples=16", "train.max_steps=10", "train.lr=1e-3"]]
-    dpo_common = [*BASE, f"model.from={sft}", f"data.path={pairs}", "data.seq_len=128", "data.max_val_examples=64",
-                  "train.max_steps=32", f"data.cache_dir={root / 'cache'}"]
-    jobs = [sft_job,
-            ["dpo", str(REPO / "configs" / "tiny-dpo.yaml"), [*dpo_common, f"run.dir={lora}", "zero.stage=2", "train.lr=3e-3"]],
-            ["dpo", str(REPO / "configs" / "tiny-dpo.yaml"), [*dpo_common, f"run.dir={full}", "lora=null", "zero.stage=3",
-                                                             "train.lr=3e-4"]]]
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(jobs)], capture_output=True, text=True, timeout=900,
-                          env=subprocess_env(), cwd=REPO)
+    sft_job = [
+        "sft",
+        str(REPO / "configs" / "tiny-sft.yaml"),
+        [
+            *BASE,
+            f"run.dir={sft}",
+            f"model.from={pre}",
+            f"data.path={SHARED / 'data' / 'sft' / 'chatterbot_english_pairs.json'}",
+            "data.seq_len=128",
+            "data.max_examples=400",
+            "data.max_val_examples=16",
+            "train.max_steps=10",
+            "train.lr=1e-3",
+        ],
+    ]
+    dpo_common = [
+        *BASE,
+        f"model.from={sft}",
+        f"data.path={pairs}",
+        "data.seq_len=128",
+        "data.max_val_examples=64",
+        "train.max_steps=32",
+        f"data.cache_dir={root / 'cache'}",
+    ]
+    jobs = [
+        sft_job,
+        ["dpo", str(REPO / "configs" / "tiny-dpo.yaml"), [*dpo_common, f"run.dir={lora}", "zero.stage=2", "train.lr=3e-3"]],
+        [
+            "dpo",
+            str(REPO / "configs" / "tiny-dpo.yaml"),
+            [*dpo_common, f"run.dir={full}", "lora=null", "zero.stage=3", "train.lr=3e-4"],
+        ],
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     placement = json.loads((lora / "placement.json").read_text())
     assert len(placement) == 2 and len({p["pid"] for p in placement}) == 2  # two Ray Train workers

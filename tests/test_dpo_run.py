@@ -32,8 +32,21 @@ STEPS = 32
 
 def dpo(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun -m llmtrain.train --task dpo configs/tiny-dpo.yaml ...`; rank 0 prepares the data."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "llmtrain.train",
-           "--task", "dpo", str(DPO), *BASE, f"cluster.num_workers={nproc}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "llmtrain.train",
+        "--task",
+        "dpo",
+        str(DPO),
+        *BASE,
+        f"cluster.num_workers={nproc}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=REPO)
     assert proc.returncode == 0, f"dpo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -56,7 +69,16 @@ def dpo_jobs(jobs: list[list[str]], tmp: Path, timeout: int = 600) -> subprocess
     reused, each job builds its own engine): start-up paid once."""
     (tmp / "jobs.py").write_text(_JOBS)
     payload = json.dumps([[*BASE, "cluster.num_workers=2", *job] for job in jobs])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp / "jobs.py"), payload, str(DPO)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(tmp / "jobs.py"),
+        payload,
+        str(DPO),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=REPO)
     assert proc.returncode == 0, f"dpo jobs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -79,9 +101,19 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def common(setup, run_dir: Path, *extra: str) -> list[str]:
-    return [f"run.dir={run_dir}", f"model.from={setup['base']}", f"data.path={setup['pairs']}", "data.seq_len=128",
-            "data.max_val_examples=64", f"train.max_steps={STEPS}", "train.val_every=0", "train.lr=3e-3",
-            f"data.cache_dir={setup['root'] / 'cache'}", f"finetune.base_val_path={setup['prepared']}", *extra]
+    return [
+        f"run.dir={run_dir}",
+        f"model.from={setup['base']}",
+        f"data.path={setup['pairs']}",
+        "data.seq_len=128",
+        "data.max_val_examples=64",
+        f"train.max_steps={STEPS}",
+        "train.val_every=0",
+        "train.lr=3e-3",
+        f"data.cache_dir={setup['root'] / 'cache'}",
+        f"finetune.base_val_path={setup['prepared']}",
+        *extra,
+    ]
 
 
 def report(run_dir: Path) -> dict:
@@ -126,8 +158,12 @@ def test_stopped_and_resumed_runs_equal_uninterrupted_ones(setup, tmp_path):
     root = setup["root"] / "resume"
 
     def settings(stage: int, reference: str) -> list[str]:
-        return [f"zero.stage={stage}", f"train.max_steps={RESUME_STEPS}", *REFERENCES[reference],
-                f"data.cache_dir={root / f'cache-{stage}-{reference}'}"]  # each its own precomputed table
+        return [
+            f"zero.stage={stage}",
+            f"train.max_steps={RESUME_STEPS}",
+            *REFERENCES[reference],
+            f"data.cache_dir={root / f'cache-{stage}-{reference}'}",
+        ]  # each its own precomputed table
 
     def name(stage: int, reference: str) -> str:
         return f"{stage}-{reference.replace(' ', '-')}"
@@ -141,8 +177,10 @@ def test_stopped_and_resumed_runs_equal_uninterrupted_ones(setup, tmp_path):
         with np.load(table) as f:
             tables[table] = {k: f[k] for k in f.files}
         np.savez(table, **{**tables[table], "key": np.asarray("another-model"), "train": tables[table]["train"] + 1.0})
-    second = dpo_jobs([common(setup, root / f"{name(*c)}-split", *settings(*c), f"train.stop_at_step={RESUME_STEPS // 2}")
-                       for c in COMBOS], tmp_path)
+    second = dpo_jobs(
+        [common(setup, root / f"{name(*c)}-split", *settings(*c), f"train.stop_at_step={RESUME_STEPS // 2}") for c in COMBOS],
+        tmp_path,
+    )
     assert (second.stdout + second.stderr).count("holds reference log-probabilities of another model or data; recomputing") == 2
     assert not any((root / f"{name(*c)}-split" / "finetune_report.json").exists() for c in COMBOS)  # stopped early
     for table, saved in tables.items():
@@ -163,9 +201,18 @@ def _qwen2_shaped(out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2)
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     Qwen2ForCausalLM(config).save_pretrained(out)
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(STORIES260K / f, out / f)
@@ -181,9 +228,23 @@ def test_lora_dpo_of_a_released_architecture_exports_a_peft_adapter(setup, tmp_p
 
     source = STORIES260K if base == "stories260K" else _qwen2_shaped(tmp_path / "qwen2")
     out = tmp_path / "run"
-    dpo(1, [f"run.dir={out}", f"model.from={source}", f"data.path={setup['pairs']}", "data.chat_template=plain",
-            "data.seq_len=128", "data.max_examples=128", "data.max_val_examples=16", "train.max_steps=4", "train.val_every=0",
-            "train.global_batch_size=4", "cluster.num_workers=1", "zero.stage=2"])
+    dpo(
+        1,
+        [
+            f"run.dir={out}",
+            f"model.from={source}",
+            f"data.path={setup['pairs']}",
+            "data.chat_template=plain",
+            "data.seq_len=128",
+            "data.max_examples=128",
+            "data.max_val_examples=16",
+            "train.max_steps=4",
+            "train.val_every=0",
+            "train.global_batch_size=4",
+            "cluster.num_workers=1",
+            "zero.stage=2",
+        ],
+    )
     adapter = export(out, tmp_path / "adapter")
     merged = export(out, tmp_path / "merged", merge=True)
     ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -36,7 +36,13 @@ def ctx():
 def small_model(seed=0) -> Decoder:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset(
-        "tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     model = Decoder(cfg)
     with torch.no_grad():  # sharp logits: per-token losses differ widely, as in a trained model
@@ -65,8 +71,16 @@ def split(b: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]
 def engine_for(stage: int, micro: int, accum: int, model: Decoder, extra=()):
     cfg = load_config(
         None,
-        [f"zero.stage={stage}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * accum}",
-         "train.grad_clip=0", "train.warmup_steps=0", "train.schedule=constant", "train.lr=0.01", *extra],
+        [
+            f"zero.stage={stage}",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro * accum}",
+            "train.grad_clip=0",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+            "train.lr=0.01",
+            *extra,
+        ],
     )
     layout = batch_layout(cfg, 1)
     assert layout.grad_accum == accum
@@ -118,7 +132,11 @@ def test_loss_and_gradient_are_token_weighted_across_micro_batches(ctx, stage):
     for _, _, grads in results[1:]:
         torch.testing.assert_close(grads, results[0][2], rtol=1e-5, atol=1e-7)
     # A mean of per-micro-batch means would differ from the reference on this data:
-    means = [float(small_model().requires_grad_(False)(m["input_ids"], position_ids=m["position_ids"], labels=m["labels"])) / int((m["labels"] != -100).sum()) for m in split(b, 2)]
+    means = [
+        float(small_model().requires_grad_(False)(m["input_ids"], position_ids=m["position_ids"], labels=m["labels"]))
+        / int((m["labels"] != -100).sum())
+        for m in split(b, 2)
+    ]
     assert abs(sum(means) / 2 - ref_loss) > 0.01 * ref_loss
 
 
@@ -151,9 +169,18 @@ def test_non_finite_loss_skips_the_update_and_keeps_optimizer_state(ctx, stage):
 
 
 def test_weight_decay_groups_exclude_norms_biases_embeddings():
-    cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, family="qwen2", attention_bias=True,
-                                  tie_word_embeddings=False)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        family="qwen2",
+        attention_bias=True,
+        tie_word_embeddings=False,
+    )
     model = Decoder(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = param_groups(model, 0.1)

@@ -78,9 +78,18 @@ def test_eos_stops_and_batches_match_single_rows(stories):
 
 def test_prompt_longer_than_positions_is_refused():
     torch.manual_seed(0)
-    model = Decoder(ModelConfig.from_preset("tiny", vocab_size=50, hidden_size=32, intermediate_size=48,
-                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                            max_position_embeddings=16))
+    model = Decoder(
+        ModelConfig.from_preset(
+            "tiny",
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+        )
+    )
     assert len(generate(model, [1, 2, 3], 13)) == 16
     with pytest.raises(UserError, match="exceeds the model's 16 positions"):
         generate(model, [1, 2, 3], 14)
@@ -90,8 +99,27 @@ def test_cli_generate(shared_dir, capsys, tmp_path):
     assert main(["generate", str(STORIES260K), "--prompt", PROMPT, "--max-new-tokens", "40"]) == 0
     assert capsys.readouterr().out.strip() == documented_greedy_text(shared_dir)
 
-    assert main(["generate", str(STORIES260K), "--prompt", PROMPT, "--prompt", "The cat",
-                 "--max-new-tokens", "8", "--temperature", "0.9", "--top-k", "20", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(STORIES260K),
+                "--prompt",
+                PROMPT,
+                "--prompt",
+                "The cat",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     texts = capsys.readouterr().out.strip().split("\n\n")
     assert len(texts) == 2 and texts[0].startswith(PROMPT) and texts[1].startswith("The cat")
 

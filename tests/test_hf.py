@@ -21,12 +21,22 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 ATOL = 1e-5
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128, rms_norm_eps=1e-6)
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 
 CASES = {
-    "llama-llama3rope-gqa-untied": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=LLAMA3)),
+    "llama-llama3rope-gqa-untied": (
+        LlamaConfig,
+        dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=LLAMA3),
+    ),
     "llama-bias-tied": (LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, rope_theta=5e5)),
     "mistral-gqa-window": (MistralConfig, dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=32)),
     "qwen2-qkvbias-tied": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
@@ -91,12 +101,23 @@ def test_llama3_rope_scaling_is_applied(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_config_round_trip_through_transformers(family, tmp_path):
-    overrides = dict(family=family, vocab_size=128, num_key_value_heads=2, tie_word_embeddings=family != "mistral",
-                     bos_token_id=None, eos_token_id=[3, 4], rope_theta=123456.0)
-    overrides.update({"llama": dict(rope_scaling=LLAMA3, attention_bias=True, attention_out_bias=True),
-                      "mistral": dict(sliding_window=512, head_dim=48),
-                      "qwen2": dict(attention_bias=True),
-                      "qwen3": dict(qk_norm=True, head_dim=40)}[family])
+    overrides = dict(
+        family=family,
+        vocab_size=128,
+        num_key_value_heads=2,
+        tie_word_embeddings=family != "mistral",
+        bos_token_id=None,
+        eos_token_id=[3, 4],
+        rope_theta=123456.0,
+    )
+    overrides.update(
+        {
+            "llama": dict(rope_scaling=LLAMA3, attention_bias=True, attention_out_bias=True),
+            "mistral": dict(sliding_window=512, head_dim=48),
+            "qwen2": dict(attention_bias=True),
+            "qwen3": dict(qk_norm=True, head_dim=40),
+        }[family]
+    )
     ours = ModelConfig.from_preset("tiny", **overrides)
     (tmp_path / "config.json").write_text(json.dumps(ours.to_hf_config(dtype="bfloat16")))
     hf = AutoConfig.from_pretrained(tmp_path)
@@ -109,35 +130,90 @@ def test_config_round_trip_through_transformers(family, tmp_path):
 
 
 def test_reads_legacy_v4_config_spelling():
-    hf = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, rope_theta=5e5, max_position_embeddings=256,
-              rope_scaling=dict(type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0))
+    hf = dict(
+        model_type="llama",
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rope_theta=5e5,
+        max_position_embeddings=256,
+        rope_scaling=dict(type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    )
     cfg = ModelConfig.from_hf_config(hf)
     assert cfg.rope_theta == 5e5 and cfg.num_key_value_heads == 4 and cfg.head_dim == 16
-    assert cfg.rope_scaling == dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=256)
+    assert cfg.rope_scaling == dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+    )
     mistral = ModelConfig.from_hf_config(dict(hf, model_type="mistral", num_key_value_heads=2, rope_scaling=None))
     assert mistral.sliding_window == 4096  # MistralConfig's default when config.json omits it
-    assert ModelConfig.from_hf_config(dict(hf, model_type="mistral", num_key_value_heads=2, rope_scaling=None, sliding_window=None)).sliding_window is None
+    assert (
+        ModelConfig.from_hf_config(
+            dict(hf, model_type="mistral", num_key_value_heads=2, rope_scaling=None, sliding_window=None)
+        ).sliding_window
+        is None
+    )
 
 
 def test_released_configs():
     """config.json of Llama-3.1-8B and Qwen2.5-0.5B (as published, transformers v4 spelling)."""
-    llama = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-             "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
-             "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
-             "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-             "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-             "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-             "vocab_size": 128256}
+    llama = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 128256,
+    }
     assert ModelConfig.from_hf_config(llama) == ModelConfig.from_preset("8b", eos_token_id=[128001, 128008, 128009])
-    qwen = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-            "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-            "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
-            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-            "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-            "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+    qwen = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "initializer_range": 0.02,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "model_type": "qwen2",
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    }
     cfg = ModelConfig.from_hf_config(qwen)
     assert cfg.attention_bias and not cfg.attention_out_bias and cfg.sliding_window is None and cfg.head_dim == 64
     assert cfg.num_params() == 494_032_768  # the published size of Qwen2.5-0.5B
@@ -152,21 +228,33 @@ def test_unsupported_architecture_is_one_clear_error(model_type, arch, tmp_path)
     assert model_type in msg and arch in msg and "llama, mistral, qwen2, qwen3" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("change,fragment", [
-    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "'yarn' is not supported"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (dict(quantization_config={"quant_method": "awq"}), "quantized"),
-    (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "'yarn' is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (dict(quantization_config={"quant_method": "awq"}), "quantized"),
+        (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
+    ],
+)
 def test_unsupported_features_are_refused(change, fragment):
-    hf = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    hf = dict(
+        model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    )
     with pytest.raises(UserError, match=fragment):
         ModelConfig.from_hf_config({**hf, **change})
 
 
 def test_weight_file_errors(tmp_path):
-    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     with pytest.raises(UserError, match="no model.safetensors"):
         load_hf_model(tmp_path)
@@ -191,8 +279,15 @@ def test_weight_file_errors(tmp_path):
 
 
 def test_save_is_atomic_and_validates_names(tmp_path):
-    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     state = Decoder(cfg).state_dict()
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="missing tensor"):
@@ -213,8 +308,15 @@ def test_save_is_atomic_and_validates_names(tmp_path):
 def test_save_streams_one_shard_at_a_time(tmp_path):
     """Tensors handed over by an iterator are written (and can be released) shard by shard: at
     every point, the bytes taken but not yet on disk stay within one shard plus one tensor."""
-    cfg = ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     names = [(n, p.shape) for n, p in Decoder(cfg).named_parameters()]
     shard_bytes = 40_000
     taken = peak = 0
@@ -238,8 +340,15 @@ def test_save_streams_one_shard_at_a_time(tmp_path):
 
 
 def test_iter_hf_tensors_subset(tmp_path):
-    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     state = Decoder(cfg).state_dict()
     save_hf_checkpoint(state, cfg, tmp_path / "c", max_shard_bytes=5000)
     want = ["model.norm.weight", "model.layers.1.mlp.up_proj.weight"]
@@ -255,11 +364,21 @@ def test_iter_model_tensors_skips_what_the_model_recomputes(tmp_path):
     anything else the model lacks is refused."""
     from safetensors.torch import save_file
 
-    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     state = Decoder(cfg).state_dict()
-    extra = {"lm_head.weight": state["model.embed_tokens.weight"].clone(),
-             "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    extra = {
+        "lm_head.weight": state["model.embed_tokens.weight"].clone(),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     save_file({**state, **extra}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     assert sorted(n for n, _ in iter_model_tensors(tmp_path, cfg)) == sorted(state)

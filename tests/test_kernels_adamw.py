@@ -93,7 +93,7 @@ def test_bf16_params_keep_fp32_masters():
     for p, q in zip(fused, ref):
         assert p.dtype == torch.bfloat16 and opt.state[p]["master"].dtype == torch.float32
         close(opt.state[p]["master"], q.detach())
-        torch.testing.assert_close(p.float(), q.detach(), atol=0, rtol=2 ** -7)
+        torch.testing.assert_close(p.float(), q.detach(), atol=0, rtol=2**-7)
 
 
 def test_grad_scale_and_clipping_inside_the_kernel():
@@ -165,7 +165,9 @@ def test_dispatch_factory():
     try:
         ps = make_params()
         kernels.set_backend("torch")
-        assert type(kernels.adamw_optimizer(groups(ps), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)) is torch.optim.AdamW
+        assert (
+            type(kernels.adamw_optimizer(groups(ps), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)) is torch.optim.AdamW
+        )
         kernels.set_backend("triton")
         opt = kernels.adamw_optimizer(groups(ps), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         assert isinstance(opt, AD.FusedAdamW)
@@ -195,16 +197,26 @@ def _zero_worker(out: str, store: str) -> None:
     AD.fused_adamw_update = lambda *a, **k: launches.append(1) or kernel(*a, **k)
     result = {}
     for stage in (2, 3):
-        ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        ds = {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+        }
         for name in ("fused", "torch"):
             torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 40), torch.nn.GELU(),
-                                        torch.nn.Linear(40, 3))
+            model = torch.nn.Sequential(
+                torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 40), torch.nn.GELU(), torch.nn.Linear(40, 3)
+            )
             decay = [p for p in model.parameters() if p.dim() == 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
             pg = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-            opt = AD.FusedAdamW(pg, lr=3e-3, betas=(0.9, 0.95)) if name == "fused" else torch.optim.AdamW(pg, lr=3e-3, betas=(0.9, 0.95))
+            opt = (
+                AD.FusedAdamW(pg, lr=3e-3, betas=(0.9, 0.95))
+                if name == "fused"
+                else torch.optim.AdamW(pg, lr=3e-3, betas=(0.9, 0.95))
+            )
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
             assert engine.optimizer.optimizer is opt  # the ZeRO wrapper steps our optimizer on its flat partitions
             g = torch.Generator().manual_seed(100 + rank)
@@ -230,10 +242,19 @@ def test_deepspeed_zero_client_optimizer_equals_torch_adamw(tmp_path):
     here = Path(__file__).resolve()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   LLMTRAIN_KERNELS="triton")  # the kernel itself (interpreted) on the CPU partitions
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            LLMTRAIN_KERNELS="triton",
+        )  # the kernel itself (interpreted) on the CPU partitions
         code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._zero_worker({str(out)!r}, {str(store)!r})"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     logs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in logs)
     result = json.loads(out.read_text())

@@ -51,7 +51,9 @@ def check(dtype, B, Hq, Hkv, L, D, causal, docs, seed=0):
     doc_ids = uneven_docs(B, L, seed) if docs else None
     got = run(A.attention, q, k, v, do, doc_ids=doc_ids, causal=causal)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    want = run(A.attention_reference, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), do.to(ref_dtype), doc_ids=doc_ids, causal=causal)
+    want = run(
+        A.attention_reference, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), do.to(ref_dtype), doc_ids=doc_ids, causal=causal
+    )
     atol, rtol = TOL[dtype]
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
         assert x.dtype == dtype and x.shape == y.shape, name
@@ -71,7 +73,11 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}-{}-{}".format(*s[:5], "causal" if s[5] else "full", "docs" if s[6] else "nodocs"))
+@pytest.mark.parametrize(
+    "shape",
+    SHAPES,
+    ids=lambda s: "B{}-H{}/{}-L{}-D{}-{}-{}".format(*s[:5], "causal" if s[5] else "full", "docs" if s[6] else "nodocs"),
+)
 def test_fp32_parity(shape):
     check(torch.float32, *shape)
 
@@ -110,7 +116,9 @@ def test_document_is_a_run_of_equal_ids():
     q, k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
     o = A.attention(q, k, v, doc_ids=ids, causal=False)
     torch.testing.assert_close(o, A.attention_reference(q, k, v, doc_ids=ids, causal=False), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(o[:, :, 4:], A.attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], causal=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        o[:, :, 4:], A.attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], causal=False), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_strided_inputs_and_scale():

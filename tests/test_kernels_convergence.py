@@ -25,8 +25,15 @@ from llmtrain.model.decoder import Decoder  # noqa: E402
 from llmtrain.model.model_config import ModelConfig  # noqa: E402
 
 VOCAB, SEQ, BATCH, STEPS = 256, 64, 2, 30
-CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=SEQ)
+CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=SEQ,
+)
 
 
 def batches():
@@ -60,8 +67,13 @@ def train(name: str, data) -> list[float]:
     model = Decoder(ModelConfig.from_preset("tiny", **CONFIG))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = kernels.adamw_optimizer([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = kernels.adamw_optimizer(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+    )
     assert type(opt).__name__ == ("FusedAdamW" if name == "triton" else "AdamW")
     losses = []
     for ids, pos, labels in data:

@@ -59,8 +59,11 @@ def test_cross_entropy_bf16_logits():
 
 @pytest.mark.parametrize("chunk_loss", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("N,H,V,bias,chunk", [(1, 16, 300, False, None), (37, 32, 1000, True, None), (130, 64, 517, False, 16),
-                                             (257, 16, 2000, True, 100)], ids=str)
+@pytest.mark.parametrize(
+    "N,H,V,bias,chunk",
+    [(1, 16, 300, False, None), (37, 32, 1000, True, None), (130, 64, 517, False, 16), (257, 16, 2000, True, 100)],
+    ids=str,
+)
 def test_fused_linear_cross_entropy_parity(N, H, V, bias, chunk, reduction, chunk_loss):
     g = torch.Generator().manual_seed(N + V)
     h = torch.randn(N, H, generator=g).requires_grad_()

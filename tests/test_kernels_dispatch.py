@@ -35,13 +35,15 @@ def routed():
     x = torch.randn(2, 9, 16, requires_grad=True)
     cos, sin = torch.randn(9, 16), torch.randn(9, 16)
     labels = torch.randint(0, 16, (2, 9))
-    return grad_fns([
-        kernels.attention(q, k, v, doc_ids=torch.zeros(1, 9, dtype=torch.long)),
-        kernels.rms_norm(x, torch.ones(16), 1e-5),
-        kernels.apply_rope(q, k, cos, sin)[0],
-        kernels.swiglu(x, x),
-        kernels.cross_entropy(x, labels),
-    ])
+    return grad_fns(
+        [
+            kernels.attention(q, k, v, doc_ids=torch.zeros(1, 9, dtype=torch.long)),
+            kernels.rms_norm(x, torch.ones(16), 1e-5),
+            kernels.apply_rope(q, k, cos, sin)[0],
+            kernels.swiglu(x, x),
+            kernels.cross_entropy(x, labels),
+        ]
+    )
 
 
 def test_torch_and_auto_on_cpu_use_the_references(backend):
@@ -107,5 +109,7 @@ print("INTERPRET-OK")
 
 def test_kernels_under_triton_interpret(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", LLMTRAIN_KERNELS="triton")
-    run = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRET_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert run.returncode == 0 and "INTERPRET-OK" in run.stdout, run.stderr[-3000:]

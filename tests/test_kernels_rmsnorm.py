@@ -40,7 +40,7 @@ def test_parity(shape, dtype):
         assert a.dtype == dtype, name
         # dw sums over all rows: scale its tolerance with the row count
         scale = x.numel() // shape[-1] if name == "dw" and dtype != torch.float32 else 1
-        torch.testing.assert_close(a.double(), b, atol=atol * scale ** 0.5, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b, atol=atol * scale**0.5, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def test_mixed_dtypes_promote_like_the_reference():

@@ -35,8 +35,16 @@ def run(fn, q, k, cos, sin, gq, gk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B,Hq,Hkv,L,D,batched", [(1, 2, 2, 1, 64, False), (2, 4, 2, 17, 64, True), (3, 3, 1, 130, 32, False),
-                                                  (1, 2, 1, 257, 128, True), (2, 2, 1, 17, 96, False)])
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,L,D,batched",
+    [
+        (1, 2, 2, 1, 64, False),
+        (2, 4, 2, 17, 64, True),
+        (3, 3, 1, 130, 32, False),
+        (1, 2, 1, 257, 128, True),
+        (2, 2, 1, 17, 96, False),
+    ],
+)
 def test_parity(B, Hq, Hkv, L, D, batched, dtype):
     g = torch.Generator().manual_seed(L + D)
     q = torch.randn(B, L, Hq, D, generator=g).to(dtype).transpose(1, 2)  # the model's strided view

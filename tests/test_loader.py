@@ -93,7 +93,10 @@ def test_resume_is_bitwise_identical(small_prepared):
 
 def test_world_size_change_continues_the_same_global_sequence(small_prepared):
     def global_samples(mb: int, ga: int, world: int, steps: int, state=None) -> list:
-        loaders = [TokenLoader(small_prepared, micro_batch_size=mb, grad_accum=ga, rank=r, world_size=world, seed=5) for r in range(world)]
+        loaders = [
+            TokenLoader(small_prepared, micro_batch_size=mb, grad_accum=ga, rank=r, world_size=world, seed=5)
+            for r in range(world)
+        ]
         if state is not None:
             for loader in loaders:
                 loader.load_state_dict(state)
@@ -139,7 +142,9 @@ def test_state_from_other_data_is_refused(small_prepared, small_tokenizer, corpu
 
 @pytest.fixture(scope="module")
 def second_source(small_tokenizer, corpus_slice, tmp_path_factory):
-    return prepare([str(corpus_slice / "tinyshakespeare.txt")], small_tokenizer, 64, tmp_path_factory.mktemp("mix") / "shakespeare")
+    return prepare(
+        [str(corpus_slice / "tinyshakespeare.txt")], small_tokenizer, 64, tmp_path_factory.mktemp("mix") / "shakespeare"
+    )
 
 
 def test_mixture_is_weighted_deterministic_and_resumable(small_prepared, second_source):

@@ -29,15 +29,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """One Ray session: LoRA under ZeRO-3, and under ZeRO-2 stopped at step 3 then resumed."""
     need_shared()
     root = tmp_path_factory.mktemp("lora")
-    common = [f"data.path={SHARED / 'data' / 'sft' / 'chatterbot_english_pairs.json'}", "data.max_examples=400",
-              "data.max_val_examples=16", "data.seq_len=128", f"data.cache_dir={root / 'cache'}",
-              f"train.max_steps={STEPS}", "train.val_batches=1"]
+    common = [
+        f"data.path={SHARED / 'data' / 'sft' / 'chatterbot_english_pairs.json'}",
+        "data.max_examples=400",
+        "data.max_val_examples=16",
+        "data.seq_len=128",
+        f"data.cache_dir={root / 'cache'}",
+        f"train.max_steps={STEPS}",
+        "train.val_batches=1",
+    ]
     out = {name: root / name for name in ("zero2", "zero3")}
-    ray_jobs([
-        [*common, "zero.stage=3", f"run.dir={out['zero3']}"],
-        [*common, "zero.stage=2", f"run.dir={out['zero2']}", "train.stop_at_step=3"],
-        [*common, "zero.stage=2", f"run.dir={out['zero2']}", "train.resume=auto"],
-    ], task="sft", config=LORA)
+    ray_jobs(
+        [
+            [*common, "zero.stage=3", f"run.dir={out['zero3']}"],
+            [*common, "zero.stage=2", f"run.dir={out['zero2']}", "train.stop_at_step=3"],
+            [*common, "zero.stage=2", f"run.dir={out['zero2']}", "train.resume=auto"],
+        ],
+        task="sft",
+        config=LORA,
+    )
     return out
 
 
@@ -104,7 +114,11 @@ def test_adapter_loads_in_peft_with_our_logits_and_merge_equals_it(runs, tmp_pat
     # only the adapters trained: the base tensors in the checkpoint are the released ones, bit for bit
     released = load_file(STORIES260K / "model.safetensors")
     for name, tensor in released.items():
-        trained = tensors[name.replace(".weight", ".base_layer.weight")] if name.replace(".weight", ".base_layer.weight") in tensors else tensors[name]
+        trained = (
+            tensors[name.replace(".weight", ".base_layer.weight")]
+            if name.replace(".weight", ".base_layer.weight") in tensors
+            else tensors[name]
+        )
         assert torch.equal(trained, tensor.float()), name
 
 

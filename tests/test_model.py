@@ -20,8 +20,15 @@ from llmtrain.model.model_config import PRESETS, ModelConfig
 
 
 def small(**overrides) -> ModelConfig:
-    base = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
+    base = dict(
+        vocab_size=120,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return ModelConfig.from_preset("tiny", **{**base, **overrides})
 
 
@@ -100,8 +107,16 @@ def _check_init_stats(named: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     assert torch.equal(named["model.layers.0.self_attn.q_proj.bias"], torch.zeros(cfg.num_attention_heads * cfg.head_dim))
 
 
-INIT_CONFIG = dict(family="qwen2", attention_bias=True, vocab_size=2000, hidden_size=384, intermediate_size=1024,
-                   num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2)
+INIT_CONFIG = dict(
+    family="qwen2",
+    attention_bias=True,
+    vocab_size=2000,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+)
 
 
 def test_init_statistics():
@@ -120,8 +135,13 @@ def _zero3_worker() -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a ~60 s JIT build
     dist.init_process_group("gloo", rank=0, world_size=1)
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-          "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+    ds = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
     cfg = ModelConfig.from_preset("tiny", **INIT_CONFIG, tie_word_embeddings=True)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds):
@@ -135,8 +155,9 @@ def _zero3_worker() -> None:
         plain.load_state_dict({n: p.detach().clone() for n, p in model.state_dict().items()})
 
     model.gradient_checkpointing = True
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=ds, dist_init_required=False
+    )
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
     loss = engine(ids, position_ids=pos, labels=ids)
@@ -159,8 +180,9 @@ def test_zero3_construction_init_and_tied_step():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
+    )
     here = Path(__file__).resolve().parent
     code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_model; test_model._zero3_worker()"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

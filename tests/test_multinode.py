@@ -161,13 +161,24 @@ def parity_driver(cluster, data, tmp_path_factory):
     strict_spread: one worker on each node."""
     base = tmp_path_factory.mktemp("two-node")
     dirs = {name: base / name for name in PARITY}
-    jobs = [[task, str(config), [*overrides, *_data(task, data), f"run.dir={dirs[name]}", "cluster.address=auto",
-                                 "cluster.placement=strict_spread"]] for name, (task, config, overrides) in PARITY.items()]
+    jobs = [
+        [
+            task,
+            str(config),
+            [*overrides, *_data(task, data), f"run.dir={dirs[name]}", "cluster.address=auto", "cluster.placement=strict_spread"],
+        ]
+        for name, (task, config, overrides) in PARITY.items()
+    ]
     (base / "driver.py").write_text(_PARITY_DRIVER)
     log = open(base / "driver.log", "w")
     env = dict(os.environ, LLMTRAIN_CLUSTER_NAME=NAME, LLMTRAIN_CLUSTER_SUBNET=SUBNET, LLMTRAIN_RAY=str(RAY))
-    proc = subprocess.Popen(["bash", str(SCRIPT), "exec", "head", "--", "python", str(base / "driver.py"), json.dumps(jobs)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "exec", "head", "--", "python", str(base / "driver.py"), json.dumps(jobs)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
     yield {"proc": proc, "dirs": dirs, "log": base / "driver.log"}
     if proc.poll() is None:
         proc.kill()
@@ -214,8 +225,15 @@ def scenario(cluster, data, tmp_path_factory, references, parity_driver):
         Fault("save", DRIVER_STOP_STEP, action=stop_driver),
     ]
     injector = Injector(run_dir, faults)
-    args = ["submit", str(PRETRAIN_CONFIG), *FAULT_JOB, f"data.path={data}", f"run.dir={run_dir}",
-            "cluster.placement=strict_spread", "cluster.max_failures=4"]  # 3 restarts; the 4th (node lost) waits for resources
+    args = [
+        "submit",
+        str(PRETRAIN_CONFIG),
+        *FAULT_JOB,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "cluster.placement=strict_spread",
+        "cluster.max_failures=4",
+    ]  # 3 restarts; the 4th (node lost) waits for resources
     where = ("--address", JOBS_API)
     result = {"run_dir": run_dir, "faults": faults}
     injector.start()
@@ -230,7 +248,9 @@ def scenario(cluster, data, tmp_path_factory, references, parity_driver):
         up = script("start", "worker")
         assert up.returncode == 0, up.stderr
         # Job B: resubmitted; its driver is stopped while checkpoint DRIVER_STOP_STEP is written.
-        b = cli(*args, "cluster.resource_timeout_s=60", *where, env=(f"LLMTRAIN_TEST_SAVE_PAUSE={DRIVER_STOP_STEP}:600",), timeout=120)
+        b = cli(
+            *args, "cluster.resource_timeout_s=60", *where, env=(f"LLMTRAIN_TEST_SAVE_PAUSE={DRIVER_STOP_STEP}:600",), timeout=120
+        )
         assert b.returncode == 0, b.stdout + b.stderr
         job["id"] = re.search(r"^submitted (\S+) to ", b.stdout, re.M).group(1)
         deadline = time.monotonic() + 300
@@ -248,7 +268,7 @@ def scenario(cluster, data, tmp_path_factory, references, parity_driver):
         injector.stop()
     assert injector.error is None, injector.error
     result["reference"] = references.result()["fault-job"]
-    print("\nfault scenario (seed %d):" % SEED)
+    print(f"\nfault scenario (seed {SEED}):")
     for f in faults:
         print("  " + f.describe())
     result["node_to_failure_s"] = result["a_end"] - job["node_killed"]

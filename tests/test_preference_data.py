@@ -70,12 +70,22 @@ def _supervised(tok, ids, mask) -> list[str]:
 
 FORMS = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Red, then green."},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Another colour?"}],
-     "chosen": {"role": "assistant", "content": "Yes: teal."}, "rejected": [{"role": "assistant", "content": "No."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Another colour?"},
+        ],
+        "chosen": {"role": "assistant", "content": "Yes: teal."},
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
     {"messages": [{"role": "user", "content": "Say hi."}], "chosen": "Hi!", "rejected": "Go away."},
-    {"prompt": [{"role": "user", "content": "Count to two."}], "chosen": [{"role": "assistant", "content": "One, two."}],
-     "rejected": "Three."},
+    {
+        "prompt": [{"role": "user", "content": "Count to two."}],
+        "chosen": [{"role": "assistant", "content": "One, two."}],
+        "rejected": "Three.",
+    },
 ]
 ANSWERS = [("Blue.", "Red, then green."), ("Yes: teal.", "No."), ("Hi!", "Go away."), ("One, two.", "Three.")]
 
@@ -124,13 +134,24 @@ def test_identical_pairs_are_counted_and_dropped(tok, tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [meta["key"]]  # nothing half-written
 
 
-@pytest.mark.parametrize("change, overrides, message", [
-    (lambda r: r.pop("rejected"), [], "record 3 has no field 'rejected' \\(fields: chosen, prompt\\); set data.rejected_field"),
-    (lambda r: r.pop("prompt"), [], "record 3 has no field 'prompt' .* set data.prompt_field"),
-    (lambda r: None, ["data.chosen_field=better"], "record \\d has no field 'better' .* set data.chosen_field"),
-    (lambda r: r.update(chosen=[{"role": "user", "content": "x"}]), [], "record 3: 'chosen' has no assistant message"),
-    (lambda r: r.update(rejected=[{"role": "bot", "content": "x"}]), [], "record 3: 'rejected' message 1 has unknown role 'bot'"),
-])
+@pytest.mark.parametrize(
+    "change, overrides, message",
+    [
+        (
+            lambda r: r.pop("rejected"),
+            [],
+            "record 3 has no field 'rejected' \\(fields: chosen, prompt\\); set data.rejected_field",
+        ),
+        (lambda r: r.pop("prompt"), [], "record 3 has no field 'prompt' .* set data.prompt_field"),
+        (lambda r: None, ["data.chosen_field=better"], "record \\d has no field 'better' .* set data.chosen_field"),
+        (lambda r: r.update(chosen=[{"role": "user", "content": "x"}]), [], "record 3: 'chosen' has no assistant message"),
+        (
+            lambda r: r.update(rejected=[{"role": "bot", "content": "x"}]),
+            [],
+            "record 3: 'rejected' message 1 has unknown role 'bot'",
+        ),
+    ],
+)
 def test_missing_or_malformed_fields_name_the_file_record_and_field(tok, tmp_path, change, overrides, message):
     records = _random_records(5)
     change(records[2])
@@ -183,8 +204,10 @@ def test_truncation_policies_and_their_counts(tok, tmp_path):
     kept = {int(r): k for k, r in enumerate(split.records)}
     assert sorted(kept) == [0, 1, *range(3, 9)]
     for record in (0, 1):
-        full = [encode_conversations(template, tok, [conv])[0] for conv in pair_conversations(records[record], _cfg(data).data,
-                                                                                           "x")[:2]]
+        full = [
+            encode_conversations(template, tok, [conv])[0]
+            for conv in pair_conversations(records[record], _cfg(data).data, "x")[:2]
+        ]
         for (ids, mask), (full_ids, full_mask) in zip(split.pair(kept[record]), full):
             first, full_first = int(np.argmax(mask)), full_mask.index(1)
             assert ids[:first].tolist() == full_ids[full_first - first : full_first]  # the prompt's end is kept
@@ -199,8 +222,11 @@ def test_truncation_policies_and_their_counts(tok, tmp_path):
 
     dropped = read_meta(_build(tok, data, tmp_path / "cache", seq_len, "data.pair_truncation=drop"))["train"]
     assert dropped["pairs"] == 6 and dropped["dropped"]["too_long"] == 3 and dropped["truncated"] == {"prompt": 0, "response": 0}
-    with pytest.raises(UserError, match=f"{data}: 3 of 9 train pairs do not fit seq_len 64 as one row \\(chosen \\+ rejected, "
-                                        "longest \\d+ tokens\\); set data.pair_truncation=prompt_first or drop"):
+    with pytest.raises(
+        UserError,
+        match=f"{data}: 3 of 9 train pairs do not fit seq_len 64 as one row \\(chosen \\+ rejected, "
+        "longest \\d+ tokens\\); set data.pair_truncation=prompt_first or drop",
+    ):
         _build(tok, data, tmp_path / "cache", seq_len, "data.pair_truncation=error")
 
 
@@ -244,8 +270,17 @@ def test_packed_pairs_give_each_sequences_logprob_alone(tok, tmp_path):
     batches = PreferenceBatches(split, 128, 3, micro_batch_size=2, grad_accum=1, rank=0, world_size=1, seed=0)
     mb = batches.micro_batch(rows)
     torch.manual_seed(0)
-    model = Decoder(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = Decoder(
+        ModelConfig.from_preset(
+            "tiny",
+            vocab_size=tok.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     with torch.no_grad():
         packed = batch_logprobs(model, mb)
         ce = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], reduction="none")
@@ -266,8 +301,18 @@ def test_per_token_loss_gradients_equal_autograd_through_the_logits():
     from llmtrain.model.model_config import ModelConfig
 
     torch.manual_seed(0)
-    model = Decoder(ModelConfig.from_preset("tiny", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    model = Decoder(
+        ModelConfig.from_preset(
+            "tiny",
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
     ids = torch.randint(0, 96, (2, 12))
     labels = torch.where(torch.rand(2, 12) < 0.5, torch.randint(0, 96, (2, 12)), -100)
     weights = torch.randn(2, 12)

@@ -135,7 +135,17 @@ def test_split_is_per_document(small_prepared, small_tokenizer, corpus_slice, tm
 
 def test_rerun_noop_force_and_changed_settings(small_tokenizer, corpus_slice, tmp_path, capfd):
     out = tmp_path / "d"
-    args = ["prepare", "--input", str(corpus_slice / "inaugural.txt"), "--tokenizer", str(small_tokenizer), "--seq-len", "32", "--output", str(out)]
+    args = [
+        "prepare",
+        "--input",
+        str(corpus_slice / "inaugural.txt"),
+        "--tokenizer",
+        str(small_tokenizer),
+        "--seq-len",
+        "32",
+        "--output",
+        str(out),
+    ]
     assert main(args) == 0
     first = (out / "manifest.json").read_text()
     capfd.readouterr()
@@ -294,4 +304,6 @@ def test_output_inside_an_input_directory(small_tokenizer, corpus_slice, tmp_pat
     capfd.readouterr()
     prepare([str(corpus)], small_tokenizer, 64, corpus / "prepared")  # its own manifest is no input
     assert "up to date" in capfd.readouterr().err
-    assert json.loads((out / "manifest.json").read_text())["cleaning"]["documents_read"] == len(blocks((corpus / "a.txt").read_text()))
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["documents_read"] == len(
+        blocks((corpus / "a.txt").read_text())
+    )

@@ -30,8 +30,20 @@ def test_first_screen_holds_two_commands_and_ci_runs_the_second():
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    proc = llmtrain("quickstart", "--output", str(out), "--steps", "40", "--vocab-size", "1024", "--seq-len", "128",
-                    "train.log_every=10", "train.val_every=0", timeout=900)
+    proc = llmtrain(
+        "quickstart",
+        "--output",
+        str(out),
+        "--steps",
+        "40",
+        "--vocab-size",
+        "1024",
+        "--seq-len",
+        "128",
+        "train.log_every=10",
+        "train.val_every=0",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     start, end = re.search(r"val loss:\s+([\d.]+) -> ([\d.]+)", text).groups()

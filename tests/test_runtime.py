@@ -29,8 +29,12 @@ def test_zero_stages_track_a_single_process(data, tmp_path):
     reference = losses(tmp_path / "single")
     assert sorted(reference) == [1, 2, 3, 4]
     variants = {f"zero{stage}": [f"zero.stage={stage}"] for stage in (0, 1, 2, 3)}
-    variants["zero3-offload-checkpointing"] = ["zero.stage=3", "zero.offload_params=true", "zero.offload_optimizer=true",
-                                               "model.activation_checkpointing=true"]
+    variants["zero3-offload-checkpointing"] = [
+        "zero.stage=3",
+        "zero.offload_params=true",
+        "zero.offload_optimizer=true",
+        "model.activation_checkpointing=true",
+    ]
     for name, settings in variants.items():
         torchrun(2, [*steps, f"run.dir={tmp_path / name}", *settings])
         got = losses(tmp_path / name)
@@ -50,11 +54,13 @@ def test_resume_is_bitwise_identical_through_ray(data, tmp_path, stage):
     to the bit and the same loss line."""
     common = [f"data.path={data}", "train.max_steps=10", f"zero.stage={stage}"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    ray_jobs([
-        [*common, f"run.dir={straight}"],
-        [*common, f"run.dir={interrupted}", "train.stop_at_step=5"],
-        [*common, f"run.dir={interrupted}", "train.resume=auto"],
-    ])
+    ray_jobs(
+        [
+            [*common, f"run.dir={straight}"],
+            [*common, f"run.dir={interrupted}", "train.stop_at_step=5"],
+            [*common, f"run.dir={interrupted}", "train.resume=auto"],
+        ]
+    )
     assert sorted(losses(straight)) == list(range(1, 11))
     assert losses(interrupted) == losses(straight)
     ckpts = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
@@ -92,8 +98,19 @@ def _check_transformers_parity(model_dir: Path, run_dir: Path) -> None:
 def test_run_artifacts_and_contract(data, tmp_path):
     """One Ray run with validation and periodic checkpoints: the files scripts rely on."""
     run = tmp_path / "run"
-    ray_jobs([[f"data.path={data}", f"run.dir={run}", "train.max_steps=6", "train.val_every=3",
-               "checkpoint.every=2", "checkpoint.keep=2", "zero.stage=2"]])
+    ray_jobs(
+        [
+            [
+                f"data.path={data}",
+                f"run.dir={run}",
+                "train.max_steps=6",
+                "train.val_every=3",
+                "checkpoint.every=2",
+                "checkpoint.keep=2",
+                "zero.stage=2",
+            ]
+        ]
+    )
     entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in entries if "loss" in e]
     assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6]

@@ -62,7 +62,9 @@ def test_missing_data(tmp_path):
 
 
 def test_checkpoint_of_another_model_shape(data, run_with_checkpoints):
-    line = pretrain_error(f"data.path={data}", f"run.dir={run_with_checkpoints}", "model.max_seq_len=512", "cluster.num_workers=1")
+    line = pretrain_error(
+        f"data.path={data}", f"run.dir={run_with_checkpoints}", "model.max_seq_len=512", "cluster.num_workers=1"
+    )
     assert "is from another model shape (max_position_embeddings: checkpoint 1024, config 512)" in line
 
 

@@ -24,8 +24,17 @@ from runtime_support import subprocess_env, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-pretrain.yaml"
-SMALL = ["train.global_batch_size=2", "train.micro_batch_size=2", "train.warmup_steps=0", "train.log_every=1",
-         "train.val_every=0", "checkpoint.every=0", "cluster.num_workers=1", "cluster.use_gpu=false", "zero.stage=2"]
+SMALL = [
+    "train.global_batch_size=2",
+    "train.micro_batch_size=2",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "train.val_every=0",
+    "checkpoint.every=0",
+    "cluster.num_workers=1",
+    "cluster.use_gpu=false",
+    "zero.stage=2",
+]
 
 
 class Payload:
@@ -40,8 +49,14 @@ class Payload:
 
 def _train(*overrides: str) -> subprocess.CompletedProcess:
     env = subprocess_env()
-    return subprocess.run([sys.executable, "-m", "llmtrain.train", str(CONFIG), *SMALL, *overrides],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.train", str(CONFIG), *SMALL, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def _tamper(ckpt: Path, relative: str, marker: Path) -> Path:
@@ -91,7 +106,10 @@ def test_tampered_checkpoint_is_refused_on_resume(checkpoint_dir, tmp_path):
         "this file was not written by llmtrain or was altered: do not use it; resume from or export an earlier checkpoint"
     )
     assert not marker.exists()
-    assert not (tmp_path / "resumed" / "metrics.jsonl").exists() or '"loss"' not in (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    assert (
+        not (tmp_path / "resumed" / "metrics.jsonl").exists()
+        or '"loss"' not in (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    )
 
 
 @pytest.mark.slow

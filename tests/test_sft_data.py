@@ -22,19 +22,27 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import UserError
 
 CHAT = [
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
-     {"role": "assistant", "content": "Red, then green."}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Red, then green."},
+    ],
     [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there!"}],
 ]
 # A ChatML template as released instruct models ship it: no {% generation %} blocks.
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # The same with {% generation %} blocks (what transformers needs to mark the answers itself).
-CHATML_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-                 "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-                 "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_MARKED = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_plain_and_completion_templates_end_answers_with_eos(shared_dir):
     assert auto.name == "plain"
     for name in ("plain", "completion"):
         template = resolve_template(name, tokenizer)
-        (ids, mask), = encode_conversations(template, tokenizer, [CHAT[1]])
+        ((ids, mask),) = encode_conversations(template, tokenizer, [CHAT[1]])
         supervised = [t for t, m in zip(ids, mask) if m]
         assert supervised[-1] == tokenizer.eos_id
         assert tokenizer.decode(supervised[:-1]).strip() == "Hello there!"
@@ -107,28 +115,41 @@ def test_checkpoint_template_without_generation_blocks(tok, tmp_path):
     reference = ChatTemplate("marked", CHATML_MARKED, template.stop_ids)
     assert reference.has_generation_blocks
     hf = released.hf()
-    assert hf.apply_chat_template(CHAT[0], chat_template=CHATML, tokenize=False) == \
-        hf.apply_chat_template(CHAT[0], chat_template=CHATML_MARKED, tokenize=False)
+    assert hf.apply_chat_template(CHAT[0], chat_template=CHATML, tokenize=False) == hf.apply_chat_template(
+        CHAT[0], chat_template=CHATML_MARKED, tokenize=False
+    )
     got = encode_conversations(template, released, CHAT)
     want = encode_conversations(reference, released, CHAT)
     assert got == want
     assert any(any(m) for _, m in got)
 
 
-@pytest.mark.parametrize("source, problem", [
-    # assistant turns are never rendered: nothing to learn
-    ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}",
-     "marks no assistant tokens"),
-    # a generation block around everything: prompts would be trained on
-    ("{% generation %}{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}{% endgeneration %}",
-     "marks every token as assistant output"),
-    # the end-of-turn token outside the block: generations would never stop
-    ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
-     "<|end|>{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}", "would never learn to stop"),
-    # no blocks, and earlier turns render differently once later ones follow
-    ("{% for m in messages %}{% if loop.last %}{{ m['content'] }}<|end|>{% else %}[{{ m['role'] }}]{% endif %}{% endfor %}",
-     "cannot be located"),
-])
+@pytest.mark.parametrize(
+    "source, problem",
+    [
+        # assistant turns are never rendered: nothing to learn
+        (
+            "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}",
+            "marks no assistant tokens",
+        ),
+        # a generation block around everything: prompts would be trained on
+        (
+            "{% generation %}{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}{% endgeneration %}",
+            "marks every token as assistant output",
+        ),
+        # the end-of-turn token outside the block: generations would never stop
+        (
+            "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+            "<|end|>{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}",
+            "would never learn to stop",
+        ),
+        # no blocks, and earlier turns render differently once later ones follow
+        (
+            "{% for m in messages %}{% if loop.last %}{{ m['content'] }}<|end|>{% else %}[{{ m['role'] }}]{% endif %}{% endfor %}",
+            "cannot be located",
+        ),
+    ],
+)
 def test_unusable_templates_are_reported(tok, tmp_path, source, problem):
     path = tmp_path / "t.jinja"
     path.write_text(source)
@@ -178,15 +199,23 @@ def _tiny_model(vocab: int):
     from llmtrain.model.model_config import ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return Decoder(cfg).eval()
 
 
 def test_packed_batch_gives_each_examples_loss_alone(tok, tmp_path):
     data = _pairs_file(tmp_path / "pairs.jsonl")
-    cfg = load_config(None, [f"data.path={data}", "data.prompt_field=question", "data.response_field=answer",
-                             "data.val_fraction=0"])
+    cfg = load_config(
+        None, [f"data.path={data}", "data.prompt_field=question", "data.response_field=answer", "data.val_fraction=0"]
+    )
     template = resolve_template("auto", tok)
     cache = build_cache(cfg.data, tok, template, 96, 0, tmp_path / "cache")
     split = SFTSplit.open(cache, "train")
@@ -202,7 +231,9 @@ def test_packed_batch_gives_each_examples_loss_alone(tok, tmp_path):
                 only = torch.full_like(labels, -100)
                 only[0, a:b] = labels[0, a:b]
                 packed = model(ids, position_ids=pos, labels=only)
-                e_ids, e_labels, _ = (torch.from_numpy(x)[None] for x in row_arrays(tokens[a:b], mask[a:b], np.array([0]), b - a, 3))
+                e_ids, e_labels, _ = (
+                    torch.from_numpy(x)[None] for x in row_arrays(tokens[a:b], mask[a:b], np.array([0]), b - a, 3)
+                )
                 alone = model(e_ids, labels=e_labels)
                 assert (only != -100).sum() == (e_labels != -100).sum() > 0
                 torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
@@ -225,8 +256,9 @@ def test_cache_is_keyed_by_data_tokenizer_and_template(tok, tmp_path):
     other_template = build_cache(cfg.data, tok, resolve_template("plain", tok), 96, 0, tmp_path / "cache")
     _pairs_file(data, n=61)
     other_data = build_cache(cfg.data, tok, template, 96, 0, tmp_path / "cache")
-    other_tok = build_cache(cfg.data, load_tokenizer(STORIES260K), resolve_template("plain", load_tokenizer(STORIES260K)),
-                            96, 0, tmp_path / "cache")
+    other_tok = build_cache(
+        cfg.data, load_tokenizer(STORIES260K), resolve_template("plain", load_tokenizer(STORIES260K)), 96, 0, tmp_path / "cache"
+    )
     assert len({first, other_template, other_data, other_tok}) == 4
     m = read_meta(other_data)
     assert m["train"]["read"] + m["val"]["read"] == 61
@@ -234,8 +266,9 @@ def test_cache_is_keyed_by_data_tokenizer_and_template(tok, tmp_path):
 
 def test_batches_are_rank_shards_of_one_global_batch_and_resume_exactly(tok, tmp_path):
     data = _pairs_file(tmp_path / "pairs.jsonl", n=120)
-    cfg = load_config(None, [f"data.path={data}", "data.prompt_field=question", "data.response_field=answer",
-                             "data.packing=false"])
+    cfg = load_config(
+        None, [f"data.path={data}", "data.prompt_field=question", "data.response_field=answer", "data.packing=false"]
+    )
     cache = build_cache(cfg.data, tok, resolve_template("auto", tok), 96, 0, tmp_path / "cache")
     split = SFTSplit.open(cache, "train")
 
@@ -252,8 +285,9 @@ def test_batches_are_rank_shards_of_one_global_batch_and_resume_exactly(tok, tmp
     fresh = loader(0, 1, 4)
     for _ in range(40):
         fresh.next_step()
-    assert torch.equal(torch.cat([mb["input_ids"] for mb in resumed.next_step()]),
-                       torch.cat([mb["input_ids"] for mb in fresh.next_step()]))
+    assert torch.equal(
+        torch.cat([mb["input_ids"] for mb in resumed.next_step()]), torch.cat([mb["input_ids"] for mb in fresh.next_step()])
+    )
     epoch = torch.cat(steps[: split.num_rows // 8])
     assert len({tuple(r.tolist()) for r in epoch}) == len(epoch)  # no row twice within an epoch
     with pytest.raises(UserError, match="not from this SFT data"):
@@ -262,9 +296,18 @@ def test_batches_are_rank_shards_of_one_global_batch_and_resume_exactly(tok, tmp
 
 def test_labelled_records_become_label_word_examples_and_choices(tok, tmp_path, shared_dir):
     data = shared_dir / "data" / "eval" / "sentiment_train.jsonl"
-    cfg = load_config(None, [f"data.path={data}", "data.max_examples=40", "data.max_val_examples=12",
-                             'data.template="Review: {text}\\nSentiment:"', "data.chat_template=completion",
-                             'data.label_words={positive: " good", negative: " bad"}', "data.truncation=drop"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={data}",
+            "data.max_examples=40",
+            "data.max_val_examples=12",
+            'data.template="Review: {text}\\nSentiment:"',
+            "data.chat_template=completion",
+            'data.label_words={positive: " good", negative: " bad"}',
+            "data.truncation=drop",
+        ],
+    )
     cache = build_cache(cfg.data, tok, resolve_template("completion", tok), 256, 0, tmp_path / "cache")
     meta = read_meta(cache)
     assert meta["format"] == "labelled" and meta["train"]["examples"] + meta["train"]["too_long"] == 40

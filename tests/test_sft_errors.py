@@ -57,8 +57,13 @@ def test_record_missing_the_configured_field(tmp_path, capsys):
 
 
 def test_messages_with_an_unknown_role(tmp_path, capsys):
-    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-                                            {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hey"}]}])
+    data = _jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hey"}]},
+        ],
+    )
     line = sft_error(capsys, tmp_path / "r", f"data.path={data}", "data.format=chat")
     assert "record 2: message 2 has unknown role 'bot'; roles must be one of system, user, assistant" in line
 
@@ -129,19 +134,32 @@ def test_adapter_saved_for_another_base_model(tmp_path):
     from llmtrain.model.model_config import ModelConfig
 
     adapter = tmp_path / "adapter"
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES260K),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(STORIES260K),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     peft_model.save_pretrained(adapter)
-    other = ModelConfig.from_preset("tiny", vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    other = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=512,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     save_hf_checkpoint(Decoder(other).state_dict(), other, tmp_path / "other")
     t0 = time.perf_counter()
     proc = llmtrain("eval", str(tmp_path / "other"), "--adapter", str(adapter), "--prompt", "Once", timeout=120)
     assert proc.returncode == 2, proc.stderr
     line = [x for x in proc.stderr.splitlines() if x.strip()][-1]
-    assert line.startswith(f"llmtrain: error: {adapter} was trained for another base model: model.layers.0.self_attn.q_proj "
-                           "has 96 inputs here, the adapter expects 64")
+    assert line.startswith(
+        f"llmtrain: error: {adapter} was trained for another base model: model.layers.0.self_attn.q_proj "
+        "has 96 inputs here, the adapter expects 64"
+    )
     assert "Traceback" not in proc.stderr and time.perf_counter() - t0 < 60
-    ok = llmtrain("eval", str(STORIES260K), "--adapter", str(adapter), "--prompt", "Once upon a time", "--max-new-tokens", "8",
-                  timeout=120)
+    ok = llmtrain(
+        "eval", str(STORIES260K), "--adapter", str(adapter), "--prompt", "Once upon a time", "--max-new-tokens", "8", timeout=120
+    )
     assert ok.returncode == 0 and "'Once upon a time' -> " in ok.stdout, ok.stderr

@@ -25,8 +25,9 @@ def test_accuracy_scores_each_label_word_like_transformers(sentiment):
     from llmtrain.evaluate import load_model, task_accuracy
 
     words = {"positive": " happy", "negative": " sad"}
-    data = DataSection(path=sentiment, format="labelled", template="Review: {text}\nSentiment:", label_words=words,
-                       chat_template="completion")
+    data = DataSection(
+        path=sentiment, format="labelled", template="Review: {text}\nSentiment:", label_words=words, chat_template="completion"
+    )
     ours = task_accuracy(load_model(STORIES260K), STORIES260K, data, limit=24)
     assert ours["examples"] == 24 and ours["labels"] == ["positive", "negative"]
 
@@ -57,8 +58,13 @@ def test_perplexity_is_low_in_domain_and_high_out_of_domain(tmp_path, shared_dir
     for name in ("tinystories_val_subset", "austen_6novels"):
         lines = (shared_dir / "data" / "corpus" / f"{name}.txt").read_text()[:60_000].splitlines()
         (tmp_path / f"{name}.txt").write_text("\n\n".join(lines))  # a document per line
-        prepared = prepare([str(tmp_path / f"{name}.txt")], tokenizer=str(STORIES260K), seq_len=128,
-                           output=str(tmp_path / f"{name}-data"), val_fraction=0.2)
+        prepared = prepare(
+            [str(tmp_path / f"{name}.txt")],
+            tokenizer=str(STORIES260K),
+            seq_len=128,
+            output=str(tmp_path / f"{name}-data"),
+            val_fraction=0.2,
+        )
         result[name] = perplexity(model, prepared, batches=2)
     stories, austen = result["tinystories_val_subset"], result["austen_6novels"]
     assert stories["perplexity"] == pytest.approx(torch.tensor(stories["val_loss"]).exp().item(), rel=1e-6)

@@ -34,7 +34,9 @@ CONFIG = REPO / "configs" / "tiny-pretrain.yaml"
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env
+    )
 
 
 def closed_port() -> int:
@@ -209,5 +211,8 @@ def test_job_entrypoint_carries_the_forwarded_settings(monkeypatch):
     monkeypatch.setenv("LLMTRAIN_TEST_SAVE_PAUSE", "8:3,10:60 x")
     # On the command line, not in the job's env_vars: Ray refuses a job whose env_vars and the
     # driver's ray.init(runtime_env) name the same variable.
-    assert job_entrypoint("sft") == "LLMTRAIN_KERNELS=torch LLMTRAIN_TEST_SAVE_PAUSE='8:3,10:60 x' python -m llmtrain.cli sft config.yaml"
+    assert (
+        job_entrypoint("sft")
+        == "LLMTRAIN_KERNELS=torch LLMTRAIN_TEST_SAVE_PAUSE='8:3,10:60 x' python -m llmtrain.cli sft config.yaml"
+    )
     assert "env_vars" not in __import__("llmtrain.submit", fromlist=["x"]).job_runtime_env("/tmp")

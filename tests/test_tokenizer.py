@@ -60,7 +60,7 @@ def test_transformers_gives_sentencepiece_ids_on_corpus(small_tokenizer):
     assert hf(texts, add_special_tokens=False)["input_ids"] == expected
     with_bos = hf(texts[:50])["input_ids"]
     assert with_bos == [[tok.bos_id] + ids for ids in expected[:50]]
-    for text, ids in zip(EDGE_CASES, expected[-len(EDGE_CASES):]):
+    for text, ids in zip(EDGE_CASES, expected[-len(EDGE_CASES) :]):
         assert tok.decode(ids) == text
         assert hf.decode(ids) == text
     # the chat tokens are single ids in both, and special to transformers
@@ -157,7 +157,9 @@ def test_byte_level_bpe_without_bos(corpus_slice, tmp_path):
     rust = Tokenizer(models.BPE())
     rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     rust.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     rust.train([str(p) for p in sorted(corpus_slice.glob("*.txt"))], trainer)
     rust.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))

@@ -70,8 +70,16 @@ def main() -> None:
         clock.step_done(loss.item())
 
     if rank == 0:
-        write_result(args.out, clock.result("bare DeepSpeed", zero_stage=args.zero_stage, world_size=world,
-                                            grad_accum=grad_accum, doc_mask=not args.no_doc_mask))
+        write_result(
+            args.out,
+            clock.result(
+                "bare DeepSpeed",
+                zero_stage=args.zero_stage,
+                world_size=world,
+                grad_accum=grad_accum,
+                doc_mask=not args.no_doc_mask,
+            ),
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -77,8 +77,17 @@ def main() -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             mean_loss = clock.losses.pop() if clock.losses else None  # Trainer logs the mean over the run
-            write_result(args.out, clock.result("HF Trainer + DeepSpeed", zero_stage=args.zero_stage, world_size=world,
-                                                grad_accum=grad_accum, doc_mask=not args.no_doc_mask, mean_loss=mean_loss))
+            write_result(
+                args.out,
+                clock.result(
+                    "HF Trainer + DeepSpeed",
+                    zero_stage=args.zero_stage,
+                    world_size=world,
+                    grad_accum=grad_accum,
+                    doc_mask=not args.no_doc_mask,
+                    mean_loss=mean_loss,
+                ),
+            )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # without it ZeRO-3 runs sometimes aborted at exit (NOTES-cpu.md)

@@ -81,8 +81,9 @@ def main() -> None:
         clock.step_done(step_loss)
 
     name = "single process" + (" (llmtrain model)" if model_kind == "llmtrain" else "")
-    write_result(args.out, clock.result(name, world_size=1, grad_accum=grad_accum, model=model_kind,
-                                        doc_mask=not args.no_doc_mask))
+    write_result(
+        args.out, clock.result(name, world_size=1, grad_accum=grad_accum, model=model_kind, doc_mask=not args.no_doc_mask)
+    )
 
 
 if __name__ == "__main__":

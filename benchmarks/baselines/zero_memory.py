@@ -143,9 +143,15 @@ def measure(stage: int, data: Path, micro_batch: int, global_batch: int, ctx, pe
     from llmtrain.tasks.pretrain import PretrainTask
     from llmtrain.train import train_step
 
-    overrides = [f"data.path={data}", f"zero.stage={stage}", "train.precision=fp32", "cluster.use_gpu=false",
-                 f"cluster.num_workers={ctx.world_size}", f"train.global_batch_size={global_batch}",
-                 f"train.micro_batch_size={micro_batch}"]
+    overrides = [
+        f"data.path={data}",
+        f"zero.stage={stage}",
+        "train.precision=fp32",
+        "cluster.use_gpu=false",
+        f"cluster.num_workers={ctx.world_size}",
+        f"train.global_batch_size={global_batch}",
+        f"train.micro_batch_size={micro_batch}",
+    ]
     cfg = load_config(CONFIG, overrides)
     layout = batch_layout(cfg, ctx.world_size)
     torch.manual_seed(cfg.run.seed)
@@ -179,8 +185,12 @@ def main() -> None:
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--persistence-threshold", type=int, default=None,
-                   help="ZeRO-3 stage3_param_persistence_threshold instead of llmtrain's (a what-if)")
+    p.add_argument(
+        "--persistence-threshold",
+        type=int,
+        default=None,
+        help="ZeRO-3 stage3_param_persistence_threshold instead of llmtrain's (a what-if)",
+    )
     args = p.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -88,18 +88,24 @@ def resolve_template(choice: str, tokenizer, extra_stop_ids: Sequence[int] = ())
         stops.add(tokenizer.eos_id)
     if choice == "checkpoint":
         if not own:
-            raise UserError(f"{tokenizer.path}: the tokenizer has no chat template; set data.chat_template to "
-                            "llmtrain, plain, completion or a .jinja file")
+            raise UserError(
+                f"{tokenizer.path}: the tokenizer has no chat template; set data.chat_template to "
+                "llmtrain, plain, completion or a .jinja file"
+            )
         return ChatTemplate("checkpoint", own, tuple(sorted(stops)))
     if choice in BUILTIN:
         if choice == "llmtrain":
             if not has_chat_tokens(tokenizer):
-                raise UserError(f"data.chat_template=llmtrain needs the tokens {' '.join(CHAT_TOKENS)}, which the tokenizer "
-                                f"{tokenizer.path} lacks; use data.chat_template=plain or completion")
+                raise UserError(
+                    f"data.chat_template=llmtrain needs the tokens {' '.join(CHAT_TOKENS)}, which the tokenizer "
+                    f"{tokenizer.path} lacks; use data.chat_template=plain or completion"
+                )
             stops.add(tokenizer.token_to_id("<|end|>"))
         elif tokenizer.eos_id is None:
-            raise UserError(f"data.chat_template={choice} ends answers with EOS, but the tokenizer {tokenizer.path} has none; "
-                            "use a tokenizer with an EOS token or a .jinja template")
+            raise UserError(
+                f"data.chat_template={choice} ends answers with EOS, but the tokenizer {tokenizer.path} has none; "
+                "use a tokenizer with an EOS token or a .jinja template"
+            )
         return ChatTemplate(choice, BUILTIN[choice], tuple(sorted(stops)))
     path = Path(choice).expanduser()
     if path.suffix != ".jinja" or not path.is_file():
@@ -127,8 +133,9 @@ def encode_conversations(template: ChatTemplate, tokenizer, conversations: list[
         return []
     if template.has_generation_blocks:
         try:
-            out = hf.apply_chat_template(conversations, chat_template=template.source, tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)
+            out = hf.apply_chat_template(
+                conversations, chat_template=template.source, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
         except Exception as err:  # jinja's TemplateError / raise_exception() in the template
             raise TemplateError(_first_line(err)) from None
         return [(list(ids), list(mask)) for ids, mask in zip(out["input_ids"], out["assistant_masks"])]
@@ -166,8 +173,10 @@ def check_mask(ids: Sequence[int], mask: Sequence[int], template: ChatTemplate, 
     """Why this example's assistant mask is unusable, or None when it is fine."""
     n = sum(mask[1:])  # token 0 is never predicted
     if n == 0:
-        return (f"template {template.name} marks no assistant tokens (its {{% generation %}} blocks, or the turns it renders, "
-                "do not cover the answers)")
+        return (
+            f"template {template.name} marks no assistant tokens (its {{% generation %}} blocks, or the turns it renders, "
+            "do not cover the answers)"
+        )
     if n == len(ids) - 1:
         return f"template {template.name} marks every token as assistant output, prompts included"
     if truncated:
@@ -177,8 +186,10 @@ def check_mask(ids: Sequence[int], mask: Sequence[int], template: ChatTemplate, 
         if ids[t] not in template.stop_ids:
             shown = tokenizer.decode(list(ids[max(0, t - 3) : t + 1]))
             stops = ", ".join(repr(tokenizer.id_to_token(i)) for i in template.stop_ids)
-            return (f"template {template.name} ends an assistant turn with {shown!r}, not an end-of-turn/EOS token ({stops}), "
-                    "so a fine-tuned model would never learn to stop; put the end token inside the {% generation %} block")
+            return (
+                f"template {template.name} ends an assistant turn with {shown!r}, not an end-of-turn/EOS token ({stops}), "
+                "so a fine-tuned model would never learn to stop; put the end token inside the {% generation %} block"
+            )
     return None
 
 

@@ -97,9 +97,13 @@ class TokenLoader:
         first = self.data[0]
         for d in self.data[1:]:
             if d.fingerprint != first.fingerprint:
-                raise UserError(f"{d.dir} was tokenized with a different tokenizer than {first.dir}; prepare every mixture source with the same tokenizer")
+                raise UserError(
+                    f"{d.dir} was tokenized with a different tokenizer than {first.dir}; prepare every mixture source with the same tokenizer"
+                )
             if d.seq_len != first.seq_len:
-                raise UserError(f"{d.dir} has seq_len {d.seq_len} but {first.dir} has {first.seq_len}; prepare every mixture source with the same --seq-len")
+                raise UserError(
+                    f"{d.dir} has seq_len {d.seq_len} but {first.dir} has {first.seq_len}; prepare every mixture source with the same --seq-len"
+                )
         self.split_name = split
         self.splits: list[Split] = [d.split(split) for d in self.data]
         self.seq_len = first.seq_len
@@ -165,7 +169,9 @@ class TokenLoader:
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"loader state is malformed ({err!r}); resume from a checkpoint written by llmtrain") from None
         if version != STATE_VERSION:
-            raise UserError(f"loader state version {version} is not supported (expected {STATE_VERSION}); resume with the llmtrain that wrote it")
+            raise UserError(
+                f"loader state version {version} is not supported (expected {STATE_VERSION}); resume with the llmtrain that wrote it"
+            )
         current = [(d.fingerprint, n, w) for d, n, (_, w) in zip(self.data, self.rows, self.sources)]
         if saved != current:
             raise UserError(

@@ -97,8 +97,9 @@ def _messages(value: Any, where: str, field: str) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise UserError(f"{where}: {field!r} message {j + 1} needs a string 'content' and a 'role'")
         if m.get("role") not in ROLES:
-            raise UserError(f"{where}: {field!r} message {j + 1} has unknown role {m.get('role')!r}; "
-                            f"roles must be one of {', '.join(ROLES)}")
+            raise UserError(
+                f"{where}: {field!r} message {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -141,8 +142,10 @@ def _side_mask(mask: list[int], conv: list[dict], shared_turns: int, template: C
     spans = _spans(mask)
     turns = sum(m["role"] == "assistant" for m in conv)
     if len(spans) != turns:
-        raise UserError(f"{where}: chat template {template.name} marks {len(spans)} assistant stretches for {turns} assistant "
-                        "turns, so the answer's tokens cannot be told from the shared turns'; choose another data.chat_template")
+        raise UserError(
+            f"{where}: chat template {template.name} marks {len(spans)} assistant stretches for {turns} assistant "
+            "turns, so the answer's tokens cannot be told from the shared turns'; choose another data.chat_template"
+        )
     if not shared_turns:
         return list(mask)
     cut = spans[shared_turns][0]
@@ -192,8 +195,10 @@ def preference_key(data, tokenizer, template: ChatTemplate, seq_len: int, seed: 
 
 def _check_format(data) -> None:
     if data.format not in ("auto", "preference"):
-        raise UserError(f"data.format={data.format} is an SFT format; preference data is read with data.format=preference "
-                        "(or auto): records with a prompt (or messages) and chosen/rejected answers")
+        raise UserError(
+            f"data.format={data.format} is an SFT format; preference data is read with data.format=preference "
+            "(or auto): records with a prompt (or messages) and chosen/rejected answers"
+        )
 
 
 def split_orders(n: int, data, seed: int, n_val_records: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -237,14 +242,22 @@ def build_preference_cache(data, tokenizer, template: ChatTemplate, seq_len: int
     with atomic_dir(target, replace=True) as tmp:
         train = _encode_split(records, train_order, data, tokenizer, template, seq_len, where, data.path, "train")
         if not train["ids"]:
-            raise UserError(f"{data.path}: no training pairs left ({_summary(train)}); "
-                            "check that chosen and rejected differ, raise data.seq_len, or set data.pair_truncation=prompt_first")
-        meta = {"format": "preference", "template": template.name, "seq_len": seq_len, "pair_truncation": data.pair_truncation,
-                "train": _write_split(tmp, "train", train, seq_len, data.packing)}
+            raise UserError(
+                f"{data.path}: no training pairs left ({_summary(train)}); "
+                "check that chosen and rejected differ, raise data.seq_len, or set data.pair_truncation=prompt_first"
+            )
+        meta = {
+            "format": "preference",
+            "template": template.name,
+            "seq_len": seq_len,
+            "pair_truncation": data.pair_truncation,
+            "train": _write_split(tmp, "train", train, seq_len, data.packing),
+        }
         stops = set(train["stops"])
         if len(val_order):
-            val = _encode_split(val_records, val_order, data, tokenizer, template, seq_len, vwhere,
-                                data.val_path or data.path, "val")
+            val = _encode_split(
+                val_records, val_order, data, tokenizer, template, seq_len, vwhere, data.val_path or data.path, "val"
+            )
             meta["val"] = _write_split(tmp, "val", val, seq_len, data.packing)
             stops |= val["stops"]
         meta.update({"stop_ids": sorted(stops), "key": key, "pad_id": pad_id(tokenizer)})
@@ -253,9 +266,12 @@ def build_preference_cache(data, tokenizer, template: ChatTemplate, seq_len: int
             (tmp / "tokenizer" / "chat_template.jinja").write_text(template.source, encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     t = meta["train"]
-    print(f"llmtrain: preference data (template {template.name}): {t['pairs']:,} train pairs in {t['rows']:,} rows of "
-          f"{seq_len} ({t['fill']:.0%} filled); {meta.get('val', {}).get('pairs', 0):,} validation; {_summary(train)}; "
-          f"cache {target}", file=sys.stderr)
+    print(
+        f"llmtrain: preference data (template {template.name}): {t['pairs']:,} train pairs in {t['rows']:,} rows of "
+        f"{seq_len} ({t['fill']:.0%} filled); {meta.get('val', {}).get('pairs', 0):,} validation; {_summary(train)}; "
+        f"cache {target}",
+        file=sys.stderr,
+    )
     return target
 
 
@@ -264,22 +280,33 @@ def _summary(split: dict) -> str:
     cut, dropped = split["truncated"], split["dropped"]
     if cut["prompt"] or cut["response"]:
         parts.append(f"{cut['prompt']:,} with the prompt cut, {cut['response']:,} with the answers cut")
-    reasons = {"identical": "with chosen identical to rejected", "identical_after_truncation": "identical once cut",
-               "too_long": "longer than seq_len", "no_response": "without answer tokens after truncation"}
+    reasons = {
+        "identical": "with chosen identical to rejected",
+        "identical_after_truncation": "identical once cut",
+        "too_long": "longer than seq_len",
+        "no_response": "without answer tokens after truncation",
+    }
     parts += [f"{dropped[k]:,} {text}, dropped" for k, text in reasons.items() if dropped[k]]
     return ", ".join(parts)
 
 
 def _encode_split(records, order, data, tokenizer, template, seq_len: int, where, path, name: str) -> dict:
-    out = {"ids": [], "masks": [], "records": [], "stops": set(), "read": len(order),
-           "truncated": {"prompt": 0, "response": 0},
-           "dropped": {"identical": 0, "identical_after_truncation": 0, "too_long": 0, "no_response": 0}}
+    out = {
+        "ids": [],
+        "masks": [],
+        "records": [],
+        "stops": set(),
+        "read": len(order),
+        "truncated": {"prompt": 0, "response": 0},
+        "dropped": {"identical": 0, "identical_after_truncation": 0, "too_long": 0, "no_response": 0},
+    }
     longest = 0
     for begin in range(0, len(order), _CHUNK):
         idx = [int(i) for i in order[begin : begin + _CHUNK]]
         pairs = [pair_conversations(records[i], data, where(i)) for i in idx]
-        encoded = _encode(template, tokenizer, [conv for c, r, _ in pairs for conv in (c, r)],
-                          [i for i in idx for _ in range(2)], where)
+        encoded = _encode(
+            template, tokenizer, [conv for c, r, _ in pairs for conv in (c, r)], [i for i in idx for _ in range(2)], where
+        )
         for k, i in enumerate(idx):
             sides = []
             for s in range(2):
@@ -313,9 +340,11 @@ def _encode_split(records, order, data, tokenizer, template, seq_len: int, where
             out["records"].append(i)
     too_long = out["dropped"]["too_long"]
     if data.pair_truncation == "error" and too_long:
-        raise UserError(f"{path}: {too_long:,} of {len(order):,} {name} pairs do not fit seq_len {seq_len} as one row "
-                        f"(chosen + rejected, longest {longest:,} tokens); set data.pair_truncation=prompt_first or drop, "
-                        "or raise data.seq_len")
+        raise UserError(
+            f"{path}: {too_long:,} of {len(order):,} {name} pairs do not fit seq_len {seq_len} as one row "
+            f"(chosen + rejected, longest {longest:,} tokens); set data.pair_truncation=prompt_first or drop, "
+            "or raise data.seq_len"
+        )
     return out
 
 
@@ -346,9 +375,16 @@ def _write_split(tmp: Path, name: str, split: dict, seq_len: int, packing: bool)
         np.save(tmp / f"{name}_records.npy", np.asarray(split["records"], dtype=np.int64)[order])
         np.save(tmp / f"{name}_rows.npy", rows)
     supervised = int(sum(int(m[1:].sum()) for m in split["masks"]))
-    return {"read": split["read"], "pairs": len(order), "rows": len(rows) - 1, "tokens": int(starts[-1]),
-            "supervised_tokens": supervised, "fill": float(starts[-1] / max(1, (len(rows) - 1) * seq_len)),
-            "truncated": dict(split["truncated"]), "dropped": dict(split["dropped"])}
+    return {
+        "read": split["read"],
+        "pairs": len(order),
+        "rows": len(rows) - 1,
+        "tokens": int(starts[-1]),
+        "supervised_tokens": supervised,
+        "fill": float(starts[-1] / max(1, (len(rows) - 1) * seq_len)),
+        "truncated": dict(split["truncated"]),
+        "dropped": dict(split["dropped"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +426,12 @@ class PreferenceSplit:
         """(token ids, mask, sequence start offsets within the row, pair ids) of row r."""
         first, last = int(self.rows[r]), int(self.rows[r + 1])
         a, b = int(self.starts[2 * first]), int(self.starts[2 * last])
-        return (self.tokens[a:b], self.mask[a:b], np.asarray(self.starts[2 * first : 2 * last]) - a,
-                np.arange(first, last, dtype=np.int64))
+        return (
+            self.tokens[a:b],
+            self.mask[a:b],
+            np.asarray(self.starts[2 * first : 2 * last]) - a,
+            np.arange(first, last, dtype=np.int64),
+        )
 
 
 def row_sequences(labels: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -413,8 +453,10 @@ class PreferenceBatches(SFTBatches):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "preference" or state.get("rows") != self.num_rows:
-            raise UserError(f"the checkpoint's data position ({state}) is not from this preference data ({self.num_rows} rows); "
-                            "resume with the same data and data settings, or use a new run.dir")
+            raise UserError(
+                f"the checkpoint's data position ({state}) is not from this preference data ({self.num_rows} rows); "
+                "resume with the same data and data settings, or use a new run.dir"
+            )
         self.seed, self._sample = int(state["seed"]), int(state["sample"])
 
     def next_step(self) -> list[dict]:
@@ -423,8 +465,9 @@ class PreferenceBatches(SFTBatches):
         first = self._sample + self.rank * per_rank
         self._sample += per_rank * self.world_size
         rows = [self._row_index(first + j) for j in range(per_rank)]
-        return [self.micro_batch(rows[m * self.micro_batch_size : (m + 1) * self.micro_batch_size])
-                for m in range(self.grad_accum)]
+        return [
+            self.micro_batch(rows[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]) for m in range(self.grad_accum)
+        ]
 
     def micro_batch(self, rows: list[Optional[int]]) -> dict:
         """The micro-batch of these rows of the split (None: an empty padding row)."""
@@ -446,7 +489,13 @@ class PreferenceBatches(SFTBatches):
             offset += len(starts)
         pairs = np.arange(offset // 2, dtype=np.int64)
         as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
-        return {"input_ids": torch.from_numpy(np.stack(ids)), "labels": torch.from_numpy(np.stack(labels)),
-                "position_ids": torch.from_numpy(np.stack(pos)), "seq_ids": torch.from_numpy(np.stack(seq_ids)),
-                "chosen_index": torch.from_numpy(2 * pairs), "rejected_index": torch.from_numpy(2 * pairs + 1),
-                "pair_ids": as_tensor(pair_ids), "response_lengths": as_tensor(lengths)}
+        return {
+            "input_ids": torch.from_numpy(np.stack(ids)),
+            "labels": torch.from_numpy(np.stack(labels)),
+            "position_ids": torch.from_numpy(np.stack(pos)),
+            "seq_ids": torch.from_numpy(np.stack(seq_ids)),
+            "chosen_index": torch.from_numpy(2 * pairs),
+            "rejected_index": torch.from_numpy(2 * pairs + 1),
+            "pair_ids": as_tensor(pair_ids),
+            "response_lengths": as_tensor(lengths),
+        }

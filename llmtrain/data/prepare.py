@@ -71,7 +71,9 @@ def prepare(
     files = expand_inputs(inputs, exclude=[output])
     tok = load_tokenizer(tokenizer)
     if tok.max_length is not None and seq_len > tok.max_length:
-        raise UserError(f"--seq-len {seq_len} is longer than the {tok.max_length} positions {tok.path} allows; use --seq-len <= {tok.max_length}")
+        raise UserError(
+            f"--seq-len {seq_len} is longer than the {tok.max_length} positions {tok.path} allows; use --seq-len <= {tok.max_length}"
+        )
     if tok.eos_id is None:
         raise UserError(f"{tok.path}: the tokenizer has no EOS token to end documents with; use one that has")
     dtype = _resolve_dtype(dtype, tok)
@@ -144,12 +146,16 @@ def _up_to_date(out: Path, build: dict, force: bool) -> bool:
     if force:
         return False
     if not same:
-        raise UserError(f"{out} holds data prepared from other inputs or settings; pass --force to replace it or choose another --output")
+        raise UserError(
+            f"{out} holds data prepared from other inputs or settings; pass --force to replace it or choose another --output"
+        )
     open_prepared(out)  # up to date only if it is also intact
     return True
 
 
-def _batches(files: list[Path], stats: CleanStats, text_column: str, val_fraction: float, bar: tqdm) -> Iterator[tuple[list[str], list[str]]]:
+def _batches(
+    files: list[Path], stats: CleanStats, text_column: str, val_fraction: float, bar: tqdm
+) -> Iterator[tuple[list[str], list[str]]]:
     """(train documents, val documents) in input order, about BATCH_CHARS characters per batch."""
     train: list[str] = []
     val: list[str] = []
@@ -185,9 +191,10 @@ def _run(files, tok: Tokenizer, seq_len, dtype, val_fraction, shard_tokens, thre
 
     started = time.time()
     tokens = 0
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5) as bar, ThreadPoolExecutor(
-        1, thread_name_prefix="tokenize"
-    ) as pool:
+    with (
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5) as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool,
+    ):
         pending: deque = deque()
 
         def consume() -> None:
@@ -260,13 +267,17 @@ def _manifest(tok: Tokenizer, seq_len, dtype, val_fraction, stats: CleanStats, s
 
 def _report(out: Path, manifest: dict, stats: CleanStats, seconds: float) -> None:
     say = lambda msg: print(f"llmtrain: {msg}", file=sys.stderr)  # noqa: E731
-    say(f"cleaning: {stats.summary()}; {stats.control_chars_removed:,} control characters removed, {stats.nfc_changed:,} documents NFC-normalised")
+    say(
+        f"cleaning: {stats.summary()}; {stats.control_chars_removed:,} control characters removed, {stats.nfc_changed:,} documents NFC-normalised"
+    )
     if stats.invalid_utf8_documents:
         say(
             f"warning: invalid UTF-8 in {stats.invalid_utf8_documents:,} documents: "
             f"{stats.invalid_utf8_replacements:,} byte sequences replaced with U+FFFD"
         )
     for name, s in manifest["splits"].items():
-        say(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['rows']:,} rows x {manifest['seq_len']} in {len(s['shards'])} shards")
+        say(
+            f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['rows']:,} rows x {manifest['seq_len']} in {len(s['shards'])} shards"
+        )
     total = manifest["totals"]["tokens"]
     say(f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s ({total / max(seconds, 1e-9) / 1e6:.2f}M tokens/s)")

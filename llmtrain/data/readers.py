@@ -204,7 +204,9 @@ def _strings(values: list, path: Path, column: str) -> Iterator[str]:
         elif isinstance(v, str):
             yield v
         else:
-            raise UserError(f"{path}: column '{column}' holds {type(v).__name__} values, not text; pass --text-column NAME of a text column")
+            raise UserError(
+                f"{path}: column '{column}' holds {type(v).__name__} values, not text; pass --text-column NAME of a text column"
+            )
 
 
 def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
@@ -230,7 +232,9 @@ def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
         on_bytes(size - done)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         reason = str(err).splitlines()[0]
-        raise UserError(f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line") from None
+        raise UserError(
+            f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
+        ) from None
     finally:
         source.close()
 

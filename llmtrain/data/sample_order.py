@@ -65,7 +65,11 @@ class Permutation:
         self.low_mask = np.uint64((1 << (bits // 2)) - 1)
         self.high_mask = np.uint64((1 << (bits - bits // 2)) - 1)
         self.keys = [np.uint64(derive_key(key, r)) for r in range(_ROUNDS)]
-        self.table = self._evaluate(np.arange(n, dtype=np.int64)).astype(np.int32 if n < 2**31 else np.int64) if n <= self.TABLE_MAX else None
+        self.table = (
+            self._evaluate(np.arange(n, dtype=np.int64)).astype(np.int32 if n < 2**31 else np.int64)
+            if n <= self.TABLE_MAX
+            else None
+        )
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         high, low = x >> self.low_bits, x & self.low_mask

@@ -58,8 +58,10 @@ def data_files(path: Path, key: str = "data.path") -> list[Path]:
         files = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
     elif Path(path).is_dir():
         if (Path(path) / "manifest.json").is_file():
-            raise UserError(f"{key}={path} is a prepared pretraining directory; SFT reads JSONL/JSON/Parquet records "
-                            "(chat messages, prompt/response pairs or text/label)")
+            raise UserError(
+                f"{key}={path} is a prepared pretraining directory; SFT reads JSONL/JSON/Parquet records "
+                "(chat messages, prompt/response pairs or text/label)"
+            )
         files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith("."))
     elif Path(path).is_file():
         files = [Path(path)]
@@ -85,12 +87,15 @@ def read_records(files: list[Path], key: str = "data.path"):
     builder = SUFFIXES[files[0].suffix]
     with tempfile.TemporaryDirectory(prefix="llmtrain-sft-") as tmp:
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=tmp,
-                                       keep_in_memory=True)
+            ds = datasets.load_dataset(
+                builder, data_files=[str(f) for f in files], split="train", cache_dir=tmp, keep_in_memory=True
+            )
         except Exception as err:  # pyarrow / datasets errors on malformed files
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{key}: cannot read {', '.join(map(str, files))} as records ({first}); "
-                            "fix the file (one JSON object per line, or a JSON array, or Parquet)") from None
+            raise UserError(
+                f"{key}: cannot read {', '.join(map(str, files))} as records ({first}); "
+                "fix the file (one JSON object per line, or a JSON array, or Parquet)"
+            ) from None
     if len(ds) == 0:
         raise UserError(f"{key}: {', '.join(map(str, files))} holds no records")
     return ds
@@ -114,8 +119,10 @@ def detect_format(record: dict, data) -> str:
 def _field(record: dict, name: str, where: str, key: str) -> Any:
     value = record.get(name)
     if value is None:
-        raise UserError(f"{where} has no field {name!r} (fields: {', '.join(sorted(k for k, v in record.items() if v is not None))}); "
-                        f"set {key} or fix the record")
+        raise UserError(
+            f"{where} has no field {name!r} (fields: {', '.join(sorted(k for k, v in record.items() if v is not None))}); "
+            f"set {key} or fix the record"
+        )
     return value
 
 
@@ -131,8 +138,9 @@ def _prompt(record: dict, data, field: str, field_key: str, where: str) -> str:
         raise UserError(f"data.template {data.template!r} cannot be filled from {where} ({err}); fix the template") from None
 
 
-def conversation(record: dict, fmt: str, data, where: str, label_words: Optional[dict[str, str]] = None,
-                 answer: Optional[str] = None) -> list[dict]:
+def conversation(
+    record: dict, fmt: str, data, where: str, label_words: Optional[dict[str, str]] = None, answer: Optional[str] = None
+) -> list[dict]:
     """The conversation of one record (`answer` replaces a labelled record's own label word)."""
     if fmt == "chat":
         messages = _field(record, data.messages_field, where, "data.messages_field")
@@ -143,7 +151,9 @@ def conversation(record: dict, fmt: str, data, where: str, label_words: Optional
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise UserError(f"{where}: message {j + 1} needs a string 'content' and a 'role'")
             if m.get("role") not in ROLES:
-                raise UserError(f"{where}: message {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}")
+                raise UserError(
+                    f"{where}: message {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}"
+                )
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise UserError(f"{where}: no assistant message, so nothing to learn; every conversation needs an assistant turn")
@@ -156,8 +166,10 @@ def conversation(record: dict, fmt: str, data, where: str, label_words: Optional
         if answer is None:
             label = str(_field(record, data.label_field, where, "data.label_field"))
             if label_words is not None and label not in label_words:
-                raise UserError(f"{where} has label {label!r}, not one of data.label_words ({', '.join(label_words)}); "
-                                "add it to data.label_words or fix the record")
+                raise UserError(
+                    f"{where} has label {label!r}, not one of data.label_words ({', '.join(label_words)}); "
+                    "add it to data.label_words or fix the record"
+                )
             answer = label_words[label] if label_words is not None else label
         response = answer
     system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
@@ -172,9 +184,20 @@ def cache_key(data, tokenizer, template: ChatTemplate, seq_len: int, seed: int) 
     files = data_files(data.path)
     val_files = data_files(data.val_path, "data.val_path") if data.val_path is not None else []
     settings = data.model_dump(mode="json", exclude={"path", "val_path", "cache_dir", "tokenizer"})
-    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "settings": settings, "seq_len": seq_len, "seed": seed,
-                                   "tokenizer": tokenizer.fingerprint, "template": template.source,
-                                   "stops": template.stop_ids}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "settings": settings,
+                "seq_len": seq_len,
+                "seed": seed,
+                "tokenizer": tokenizer.fingerprint,
+                "template": template.source,
+                "stops": template.stop_ids,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for f in [*files, None, *val_files]:
         h.update(b"\0file\0")
         if f is not None:
@@ -225,21 +248,26 @@ def build_cache(data, tokenizer, template: ChatTemplate, seq_len: int, seed: int
             val = _encode_split(val_records, val_order, fmt, data, tokenizer, template, seq_len, label_words, vwhere, "val")
             counts["val"] = _write_split(tmp, "val", val, seq_len, data.packing)
             if fmt == "labelled":
-                counts["choices"] = _write_choices(tmp, val_records, val_order, val["kept"], data, tokenizer, template,
-                                                   seq_len, label_words, vwhere)
+                counts["choices"] = _write_choices(
+                    tmp, val_records, val_order, val["kept"], data, tokenizer, template, seq_len, label_words, vwhere
+                )
         if not train["lengths"]:
-            raise UserError(f"{data.path}: no training examples left ({_drop_summary(train)}); "
-                            "raise data.seq_len, set data.truncation=truncate, or check data.max_examples / data.val_fraction")
-        meta = {**counts, "stop_ids": sorted(train["stops"]), "label_words": label_words, "key": key,
-                "pad_id": pad_id(tokenizer)}
+            raise UserError(
+                f"{data.path}: no training examples left ({_drop_summary(train)}); "
+                "raise data.seq_len, set data.truncation=truncate, or check data.max_examples / data.val_fraction"
+            )
+        meta = {**counts, "stop_ids": sorted(train["stops"]), "label_words": label_words, "key": key, "pad_id": pad_id(tokenizer)}
         tokenizer.save(tmp / "tokenizer")
         if template.name != "checkpoint":
             (tmp / "tokenizer" / "chat_template.jinja").write_text(template.source, encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     t = meta["train"]
-    print(f"llmtrain: sft data ({fmt}, template {template.name}): {t['examples']:,} train examples in {t['rows']:,} rows "
-          f"of {seq_len} ({t['fill']:.0%} filled), {t['supervised_tokens']:,} supervised tokens; "
-          f"{meta.get('val', {}).get('examples', 0):,} validation; {_drop_summary(train)}; cache {target}", file=sys.stderr)
+    print(
+        f"llmtrain: sft data ({fmt}, template {template.name}): {t['examples']:,} train examples in {t['rows']:,} rows "
+        f"of {seq_len} ({t['fill']:.0%} filled), {t['supervised_tokens']:,} supervised tokens; "
+        f"{meta.get('val', {}).get('examples', 0):,} validation; {_drop_summary(train)}; cache {target}",
+        file=sys.stderr,
+    )
     return target
 
 
@@ -268,8 +296,17 @@ def _drop_summary(split: dict) -> str:
 
 
 def _encode_split(records, order, fmt, data, tokenizer, template, seq_len, label_words, where, name) -> dict:
-    out = {"ids": [], "masks": [], "lengths": [], "kept": [], "stops": set(), "read": len(order), "too_long": 0,
-           "no_target": 0, "policy": {"error": "error", "drop": "dropped", "truncate": "truncated"}[data.truncation]}
+    out = {
+        "ids": [],
+        "masks": [],
+        "lengths": [],
+        "kept": [],
+        "stops": set(),
+        "read": len(order),
+        "too_long": 0,
+        "no_target": 0,
+        "policy": {"error": "error", "drop": "dropped", "truncate": "truncated"}[data.truncation],
+    }
     longest = 0
     for begin in range(0, len(order), _CHUNK):
         idx = [int(i) for i in order[begin : begin + _CHUNK]]
@@ -296,9 +333,11 @@ def _encode_split(records, order, fmt, data, tokenizer, template, seq_len, label
             out["lengths"].append(len(ids))
             out["kept"].append(i)
     if data.truncation == "error" and out["too_long"]:
-        raise UserError(f"{data.path if name == 'train' else data.val_path or data.path}: {out['too_long']:,} of {len(order):,} "
-                        f"{name} examples are longer than seq_len {seq_len} (longest {longest:,} tokens); "
-                        "set data.truncation=drop or truncate, or raise data.seq_len")
+        raise UserError(
+            f"{data.path if name == 'train' else data.val_path or data.path}: {out['too_long']:,} of {len(order):,} "
+            f"{name} examples are longer than seq_len {seq_len} (longest {longest:,} tokens); "
+            "set data.truncation=drop or truncate, or raise data.seq_len"
+        )
     return out
 
 
@@ -310,8 +349,10 @@ def _encode(template, tokenizer, convs, idx, where):
             try:
                 encode_conversations(template, tokenizer, [conv])
             except TemplateError as err:
-                raise UserError(f"{where(i)}: chat template {template.name} cannot render it ({err}); "
-                                "fix the record or choose another data.chat_template") from None
+                raise UserError(
+                    f"{where(i)}: chat template {template.name} cannot render it ({err}); "
+                    "fix the record or choose another data.chat_template"
+                ) from None
         raise
 
 
@@ -327,9 +368,16 @@ def _write_split(tmp: Path, name: str, split: dict, seq_len: int, packing: bool)
     np.save(tmp / f"{name}_starts.npy", starts)
     np.save(tmp / f"{name}_rows.npy", rows)
     supervised = int(sum(int(m[1:].sum()) for m in masks))
-    return {"examples": len(order), "rows": len(rows) - 1, "tokens": int(starts[-1]), "supervised_tokens": supervised,
-            "fill": float(starts[-1] / max(1, (len(rows) - 1) * seq_len)), "too_long": split["too_long"],
-            "no_target": split["no_target"], "read": split["read"]}
+    return {
+        "examples": len(order),
+        "rows": len(rows) - 1,
+        "tokens": int(starts[-1]),
+        "supervised_tokens": supervised,
+        "fill": float(starts[-1] / max(1, (len(rows) - 1) * seq_len)),
+        "too_long": split["too_long"],
+        "no_target": split["no_target"],
+        "read": split["read"],
+    }
 
 
 def make_choices(records, order, kept, data, tokenizer, template, seq_len, label_words, where) -> Optional[Choices]:

@@ -84,8 +84,19 @@ def row_arrays(tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray, seq_len
 class SFTBatches:
     """Deterministic, rank-sharded, resumable batches of packed SFT rows (module docstring)."""
 
-    def __init__(self, split, seq_len: int, pad_id: int, micro_batch_size: int, grad_accum: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool = True, wrap: bool = True):
+    def __init__(
+        self,
+        split,
+        seq_len: int,
+        pad_id: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        wrap: bool = True,
+    ):
         self.split, self.seq_len, self.pad_id = split, seq_len, pad_id
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
@@ -99,8 +110,10 @@ class SFTBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "sft" or state.get("rows") != self.num_rows:
-            raise UserError(f"the checkpoint's data position ({state}) is not from this SFT data ({self.num_rows} rows); "
-                            "resume with the same data and data settings, or use a new run.dir")
+            raise UserError(
+                f"the checkpoint's data position ({state}) is not from this SFT data ({self.num_rows} rows); "
+                "resume with the same data and data settings, or use a new run.dir"
+            )
         self.seed, self._sample = int(state["seed"]), int(state["sample"])
 
     def _row_index(self, g: int) -> Optional[int]:

@@ -66,7 +66,10 @@ def _arrow_schema(seq_len: int, dtype: str):
 
     value_type = pa.uint16() if dtype == "uint16" else pa.uint32()
     return pa.schema(
-        [pa.field("tokens", pa.list_(value_type, seq_len), nullable=False), pa.field("doc_starts", pa.list_(pa.int32()), nullable=False)],
+        [
+            pa.field("tokens", pa.list_(value_type, seq_len), nullable=False),
+            pa.field("doc_starts", pa.list_(pa.int32()), nullable=False),
+        ],
         metadata={b"llmtrain.schema_version": str(SCHEMA_VERSION).encode()},
     )
 
@@ -89,8 +92,12 @@ def write_shard(path: Path, tokens: np.ndarray, starts_offsets: np.ndarray, star
 
     rows, seq_len = tokens.shape
     value_type = pa.uint16() if dtype == "uint16" else pa.uint32()
-    token_arr = pa.FixedSizeListArray.from_arrays(arrow(tokens.reshape(-1).astype(DTYPES[dtype], copy=False), value_type), seq_len)
-    starts_arr = pa.ListArray.from_arrays(arrow(starts_offsets.astype(np.int32), pa.int32()), arrow(starts_values.astype(np.int32), pa.int32()))
+    token_arr = pa.FixedSizeListArray.from_arrays(
+        arrow(tokens.reshape(-1).astype(DTYPES[dtype], copy=False), value_type), seq_len
+    )
+    starts_arr = pa.ListArray.from_arrays(
+        arrow(starts_offsets.astype(np.int32), pa.int32()), arrow(starts_values.astype(np.int32), pa.int32())
+    )
     schema = _arrow_schema(seq_len, dtype)
     batch = pa.RecordBatch.from_arrays([token_arr, starts_arr], schema=schema)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -231,7 +238,9 @@ def open_prepared(path: str | os.PathLike) -> Prepared:
         shards = [_open_shard(directory, entry, manifest) for entry in info["shards"]]
         splits[name] = Split(name, shards, int(manifest["seq_len"]))
         if splits[name].rows != int(info["rows"]):
-            raise UserError(f"{directory / MANIFEST}: split {name} says {info['rows']} rows but its shards hold {splits[name].rows}; {_REPREPARE}")
+            raise UserError(
+                f"{directory / MANIFEST}: split {name} says {info['rows']} rows but its shards hold {splits[name].rows}; {_REPREPARE}"
+            )
     return Prepared(directory, manifest, splits)
 
 
@@ -252,7 +261,9 @@ def _open_shard(directory: Path, entry: dict, manifest: dict) -> Shard:
         raise UserError(f"{path}: shard listed in the manifest is missing; {_REPREPARE}")
     size = path.stat().st_size
     if size != int(entry["bytes"]):
-        raise UserError(f"{path}: {size:,} bytes but the manifest says {int(entry['bytes']):,} (truncated or replaced); {_REPREPARE}")
+        raise UserError(
+            f"{path}: {size:,} bytes but the manifest says {int(entry['bytes']):,} (truncated or replaced); {_REPREPARE}"
+        )
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         if reader.num_record_batches != 1 or not reader.schema.equals(_arrow_schema(seq_len, dtype), check_metadata=False):
@@ -281,7 +292,9 @@ def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared:
         for shard in split.shards:
             digest = sha256_file(shard.path)
             if digest != entries[shard.file]["sha256"]:
-                raise UserError(f"{shard.path}: sha256 does not match the manifest (the file changed or is corrupt); {_REPREPARE}")
+                raise UserError(
+                    f"{shard.path}: sha256 does not match the manifest (the file changed or is corrupt); {_REPREPARE}"
+                )
             if shard.rows and int(shard.tokens.max()) >= vocab:
                 raise UserError(f"{shard.path}: token id >= vocab size {vocab}; {_REPREPARE}")
             n_shards += 1

@@ -183,7 +183,9 @@ def _train_sentencepiece(sentences: list[str], prefix: Path, vocab_size: int, th
         err = error[0]
         if isinstance(err, RuntimeError):
             reason = str(err).strip().splitlines()[-1]
-            raise UserError(f"sentencepiece could not train a {vocab_size:,}-token vocabulary ({reason}); use a smaller --vocab-size or more text") from None
+            raise UserError(
+                f"sentencepiece could not train a {vocab_size:,}-token vocabulary ({reason}); use a smaller --vocab-size or more text"
+            ) from None
         raise err
 
 

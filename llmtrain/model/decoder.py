@@ -265,9 +265,14 @@ class Decoder(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                reduction: str = "sum") -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        reduction: str = "sum",
+    ) -> torch.Tensor:
         B, L = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.length
         doc_ids = None
@@ -296,8 +301,10 @@ class Decoder(nn.Module):
     def _check_span(self, span: int, kv_cache: Optional[KVCache]) -> None:
         window = self.config.sliding_window
         if window is not None and span > window:
-            raise UserError(f"attention span {span} exceeds this model's sliding window {window}; sliding-window "
-                            f"attention is not implemented, so keep sequences (prompt + new tokens) <= {window}")
+            raise UserError(
+                f"attention span {span} exceeds this model's sliding window {window}; sliding-window "
+                f"attention is not implemented, so keep sequences (prompt + new tokens) <= {window}"
+            )
         if kv_cache is not None:
             if span > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions, this call needs {span}")

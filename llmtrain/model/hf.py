@@ -50,7 +50,9 @@ def load_hf_config(model_dir: Union[str, os.PathLike]) -> ModelConfig:
         raise UserError(f"{model_dir}: {err}") from None
 
 
-def iter_hf_tensors(model_dir: Union[str, os.PathLike], names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(
+    model_dir: Union[str, os.PathLike], names: Optional[Iterable[str]] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from model.safetensors or the shards of model.safetensors.index.json,
     one tensor at a time, in a fixed order (shard by shard). `names`: only these (each must exist)."""
     wanted = None if names is None else set(names)
@@ -60,7 +62,9 @@ def iter_hf_tensors(model_dir: Union[str, os.PathLike], names: Optional[Iterable
             present = set(f.keys())
             absent = [k for k in keys if k not in present] if keys is not None else []
             if absent:
-                raise UserError(f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it")
+                raise UserError(
+                    f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
+                )
             for key in f.keys():
                 if keys is not None and key not in keys:
                     continue
@@ -87,16 +91,22 @@ def _weight_files(model_dir: Path) -> list[tuple[Path, Optional[set[str]]]]:
         for file in sorted(by_file):
             path = model_dir / file
             if not path.is_file():
-                raise UserError(f"{model_dir}: shard {file} listed in {INDEX_FILE} is missing; re-download or re-export the checkpoint")
+                raise UserError(
+                    f"{model_dir}: shard {file} listed in {INDEX_FILE} is missing; re-download or re-export the checkpoint"
+                )
             files.append((path, by_file[file]))
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
         return [(single, None)]
     if any((model_dir / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise UserError(f"{model_dir}: only pickled PyTorch weights (pytorch_model.bin); llmtrain reads safetensors only, "
-                        "convert them (e.g. save_pretrained(..., safe_serialization=True) in a trusted environment)")
-    raise UserError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; pass a Hugging Face model directory with safetensors weights")
+        raise UserError(
+            f"{model_dir}: only pickled PyTorch weights (pytorch_model.bin); llmtrain reads safetensors only, "
+            "convert them (e.g. save_pretrained(..., safe_serialization=True) in a trusted environment)"
+        )
+    raise UserError(
+        f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; pass a Hugging Face model directory with safetensors weights"
+    )
 
 
 def iter_model_tensors(model_dir: Union[str, os.PathLike], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -110,20 +120,26 @@ def iter_model_tensors(model_dir: Union[str, os.PathLike], config: ModelConfig) 
     for name, tensor in iter_hf_tensors(model_dir):
         if name in expected:
             if tuple(tensor.shape) != expected[name]:
-                raise UserError(f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
-                                f"{expected[name]}; the weights do not belong to this config")
+                raise UserError(
+                    f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                    f"{expected[name]}; the weights do not belong to this config"
+                )
             seen.add(name)
             yield name, tensor
         elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith(_IGNORED_SUFFIXES):
-            raise UserError(f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's "
-                            f"{config.family} model lacks")
+            raise UserError(
+                f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's {config.family} model lacks"
+            )
     missing = sorted(set(expected) - seen)
     if missing:
-        raise UserError(f"{model_dir}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing); the weights are incomplete")
+        raise UserError(
+            f"{model_dir}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing); the weights are incomplete"
+        )
 
 
-def load_hf_model(model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch.float32,
-                  device: Union[str, torch.device] = "cpu") -> Decoder:
+def load_hf_model(
+    model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+) -> Decoder:
     """Build our Decoder from a Hugging Face directory (no random init: built on the meta device,
     then filled tensor by tensor). Returned in eval mode."""
     config = load_hf_config(model_dir)
@@ -138,9 +154,14 @@ def load_hf_model(model_dir: Union[str, os.PathLike], dtype: torch.dtype = torch
     return model.eval()
 
 
-def save_hf_checkpoint(tensors: Tensors, config: ModelConfig, out_dir: Union[str, os.PathLike],
-                       max_shard_bytes: int = 5 * 10**9, dtype: Optional[torch.dtype] = None,
-                       overwrite: bool = False) -> Path:
+def save_hf_checkpoint(
+    tensors: Tensors,
+    config: ModelConfig,
+    out_dir: Union[str, os.PathLike],
+    max_shard_bytes: int = 5 * 10**9,
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a Hugging Face directory: config.json, generation_config.json and safetensors
     (model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json).
 
@@ -165,7 +186,9 @@ def save_hf_checkpoint(tensors: Tensors, config: ModelConfig, out_dir: Union[str
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         hf_config = config.to_hf_config(dtype=str(saved_dtype).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
+        generation = {
+            k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -180,8 +203,14 @@ def save_hf_checkpoint(tensors: Tensors, config: ModelConfig, out_dir: Union[str
     return out_dir
 
 
-def _write_shards(tensors: Tensors, config: ModelConfig, expected: dict[str, tuple], tmp: Path,
-                  max_shard_bytes: int, dtype: Optional[torch.dtype]) -> tuple[dict[str, str], int, torch.dtype]:
+def _write_shards(
+    tensors: Tensors,
+    config: ModelConfig,
+    expected: dict[str, tuple],
+    tmp: Path,
+    max_shard_bytes: int,
+    dtype: Optional[torch.dtype],
+) -> tuple[dict[str, str], int, torch.dtype]:
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0

@@ -56,18 +56,28 @@ def resolve_targets(model: nn.Module, section, tied: bool) -> list[str]:
         hits = [n for n in modules if n and _matches(entry, n)]
         usable = [n for n in hits if isinstance(modules[n], SUPPORTED)]
         if not usable:
-            seen = f"it matches {hits[0]} ({type(modules[hits[0]]).__name__}), not a Linear layer" if hits else "it matches no module"
-            raise UserError(f"lora.target_modules: {entry!r} selects nothing to adapt ({seen}); "
-                            f"use names of the model's Linear layers: {', '.join(linear_names)}")
+            seen = (
+                f"it matches {hits[0]} ({type(modules[hits[0]]).__name__}), not a Linear layer"
+                if hits
+                else "it matches no module"
+            )
+            raise UserError(
+                f"lora.target_modules: {entry!r} selects nothing to adapt ({seen}); "
+                f"use names of the model's Linear layers: {', '.join(linear_names)}"
+            )
         chosen.update(usable)
     for entry in section.modules_to_save:
         if not any(_matches(entry, n) for n in modules if n):
-            raise UserError(f"lora.modules_to_save: {entry!r} matches no module of the model; use a module name such as embed_tokens")
+            raise UserError(
+                f"lora.modules_to_save: {entry!r} matches no module of the model; use a module name such as embed_tokens"
+            )
     if tied:
         embed = [n for n in [*chosen, *section.modules_to_save] if n.endswith("embed_tokens")]
         if embed:
-            raise UserError("lora: embed_tokens is tied to lm_head in this model, and adapting it alone would untie them; "
-                            "leave embed_tokens out of lora.target_modules / lora.modules_to_save (or fine-tune fully)")
+            raise UserError(
+                "lora: embed_tokens is tied to lm_head in this model, and adapting it alone would untie them; "
+                "leave embed_tokens out of lora.target_modules / lora.modules_to_save (or fine-tune fully)"
+            )
     return sorted(chosen)
 
 
@@ -113,12 +123,17 @@ def peft_adapter_state(model: nn.Module, tensors: Optional[dict[str, torch.Tenso
     return {PREFIX + k: v.contiguous() for k, v in state.items()}
 
 
-def write_adapter(state: dict[str, torch.Tensor], config, output: Path, base: Optional[str],
-                  tokenizer_dir: Optional[Path] = None, expected: Optional[dict[str, tuple]] = None) -> Path:
+def write_adapter(
+    state: dict[str, torch.Tensor],
+    config,
+    output: Path,
+    base: Optional[str],
+    tokenizer_dir: Optional[Path] = None,
+    expected: Optional[dict[str, tuple]] = None,
+) -> Path:
     """Write a PEFT adapter directory (complete or absent). `expected`: shape of every tensor,
     checked before anything is written (a partitioned tensor would be (0,))."""
     from safetensors.torch import save_file
-
 
     if expected is not None:
         for name, tensor in state.items():
@@ -139,7 +154,6 @@ def write_adapter(state: dict[str, torch.Tensor], config, output: Path, base: Op
 def expected_shapes(model_config, config) -> dict[str, tuple]:
     """PEFT key -> shape of each adapter tensor for `model_config` (built on the meta device)."""
     from peft import get_peft_model_state_dict, inject_adapter_in_model
-
 
     with torch.device("meta"):
         model = Decoder(model_config)
@@ -183,14 +197,20 @@ def check_adapter_fits(model: nn.Module, config, state: dict[str, torch.Tensor],
                 module_name = name[: -len(part)]
                 module = modules.get(module_name)
                 if module is None:
-                    raise UserError(f"{adapter_dir} was trained for another base model: it adapts {module_name}, which this "
-                                    f"model lacks ({trained_for}); load it with its own base")
-                size = module.in_features if part == ".lora_A.weight" else module.out_features if part == ".lora_B.weight" else None
+                    raise UserError(
+                        f"{adapter_dir} was trained for another base model: it adapts {module_name}, which this "
+                        f"model lacks ({trained_for}); load it with its own base"
+                    )
+                size = (
+                    module.in_features if part == ".lora_A.weight" else module.out_features if part == ".lora_B.weight" else None
+                )
                 dim = tensor.shape[1] if part == ".lora_A.weight" else tensor.shape[0]
                 if size is not None and dim != size:
-                    raise UserError(f"{adapter_dir} was trained for another base model: {module_name} has "
-                                    f"{size} {'inputs' if part == '.lora_A.weight' else 'outputs'} here, the adapter expects {dim} "
-                                    f"({trained_for}); load it with its own base")
+                    raise UserError(
+                        f"{adapter_dir} was trained for another base model: {module_name} has "
+                        f"{size} {'inputs' if part == '.lora_A.weight' else 'outputs'} here, the adapter expects {dim} "
+                        f"({trained_for}); load it with its own base"
+                    )
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
@@ -211,7 +231,6 @@ def merged_model(model_config, tensors, lora_cfg) -> nn.Module:
     """Our decoder with the LoRA weights merged (peft's merge_and_unload). `tensors`: every
     parameter of the adapted model, named as in training (e.g. a consolidated checkpoint)."""
     from peft.tuners.lora import LoraModel
-
 
     with torch.device("meta"):
         model = Decoder(model_config)

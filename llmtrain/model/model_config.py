@@ -30,7 +30,14 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 # What transformers' config classes assume when config.json omits a key (v5 class defaults).
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, num_key_value_heads=None, head_dim=None),
-    "mistral": dict(max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, num_key_value_heads=8, head_dim=None, sliding_window=4096),
+    "mistral": dict(
+        max_position_embeddings=4096 * 32,
+        bos_token_id=1,
+        eos_token_id=2,
+        num_key_value_heads=8,
+        head_dim=None,
+        sliding_window=4096,
+    ),
     "qwen2": dict(max_position_embeddings=32768, bos_token_id=None, eos_token_id=None, num_key_value_heads=32, head_dim=None),
     "qwen3": dict(max_position_embeddings=32768, bos_token_id=None, eos_token_id=None, num_key_value_heads=32, head_dim=128),
 }
@@ -87,14 +94,24 @@ class ModelConfig:
 
         if self.family not in FAMILIES:
             raise bad(f"unknown family {self.family!r}", f"use one of {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(f"{name}={value!r} must be a positive integer", f"set {name} to a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise bad(f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}",
-                      "choose a number of KV heads that divides the number of heads")
+            raise bad(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}",
+                "choose a number of KV heads that divides the number of heads",
+            )
         if self.head_dim % 2:
             raise bad(f"head_dim={self.head_dim} is odd", "RoPE needs an even head_dim")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -111,13 +128,18 @@ class ModelConfig:
         if f == "qwen2" and not (self.attention_bias and not self.attention_out_bias):
             raise bad("Qwen2 has biases on q/k/v and none on o_proj", "set attention_bias=True, attention_out_bias=False")
         if f == "qwen2" and self.head_dim != self.hidden_size // self.num_attention_heads:
-            raise bad(f"Qwen2 has head_dim = hidden_size / num_attention_heads, got {self.head_dim}", "drop head_dim or use family qwen3")
+            raise bad(
+                f"Qwen2 has head_dim = hidden_size / num_attention_heads, got {self.head_dim}",
+                "drop head_dim or use family qwen3",
+            )
         if f in ("llama", "qwen3") and self.attention_bias != self.attention_out_bias:
             raise bad("attention_bias covers q/k/v and o_proj together in this family", "set attention_bias = attention_out_bias")
         if f == "mistral" and (self.attention_bias or self.attention_out_bias):
             raise bad("Mistral has no attention biases", "set attention_bias=attention_out_bias=False")
         if self.qk_norm != (f == "qwen3"):
-            raise bad(f"qk_norm={self.qk_norm} does not match the family (only Qwen3 has q/k norm)", "use family qwen3 for q/k norm")
+            raise bad(
+                f"qk_norm={self.qk_norm} does not match the family (only Qwen3 has q/k norm)", "use family qwen3 for q/k norm"
+            )
         if self.sliding_window is not None and f != "mistral":
             raise bad("sliding_window is only supported for the Mistral family", "set sliding_window=None")
 
@@ -187,7 +209,11 @@ class ModelConfig:
         def get(key: str) -> Any:  # an explicit null counts (e.g. Mistral's "sliding_window": null)
             return hf[key] if key in hf else defaults.get(key)
 
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if hf.get(k) is None]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if hf.get(k) is None
+        ]
         if missing:
             raise UserError(f"config.json ({family}) lacks {', '.join(missing)}; it is not a complete model config")
         if hf.get("hidden_act", "silu") not in ("silu", "swish"):
@@ -207,7 +233,9 @@ class ModelConfig:
             rope.setdefault("original_max_position_embeddings", get("max_position_embeddings"))
             scaling = rope
         elif kind != "default":
-            raise UserError(f"config.json: rope scaling type {kind!r} is not supported; llmtrain implements default and llama3 RoPE")
+            raise UserError(
+                f"config.json: rope scaling type {kind!r} is not supported; llmtrain implements default and llama3 RoPE"
+            )
 
         heads = hf["num_attention_heads"]
         bias = bool(hf.get("attention_bias", False))
@@ -284,22 +312,68 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~5M parameters at vocab 8000: CPU tests and the quickstart.
-    "tiny": dict(family="llama", vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(
+        family="llama",
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
     # GPT-3 "small" width/depth with a Llama block and GQA: ~124M parameters at vocab 32000.
-    "125m": dict(family="llama", vocab_size=32000, hidden_size=768, intermediate_size=2816, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "125m": dict(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2816,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
     # Llama-3.2-1B shape (without its long-context rope scaling): 1.24B parameters at vocab 128256.
-    "1b": dict(family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
-               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "1b": dict(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # Llama-3.1-8B shape, llama3 rope scaling to 128k positions: 8.03B parameters.
-    "8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192),
-               bos_token_id=128000, eos_token_id=128001),
+    "8b": dict(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
 }

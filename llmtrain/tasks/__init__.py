@@ -19,7 +19,7 @@ TASKS = {
 }
 
 
-def get_task(name: str) -> "Task":
+def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     module, cls = TASKS[name].split(":")

@@ -116,7 +116,9 @@ class Task(ABC):
             shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
 
 
-def model_source(cfg: JobConfig, vocab_size: int, seq_len: int, base: Optional[Path] = None) -> tuple[ModelConfig, Optional[Tensors]]:
+def model_source(
+    cfg: JobConfig, vocab_size: int, seq_len: int, base: Optional[Path] = None
+) -> tuple[ModelConfig, Optional[Tensors]]:
     """(ModelConfig, base weights) from a Hugging Face directory (`base`, default `model.from`)
     or from `model.preset` (random init). Refuses a model that cannot hold the tokenizer's ids
     or the data's rows."""

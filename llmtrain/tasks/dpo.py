@@ -56,8 +56,10 @@ class DPOTask(SFTTask):
 
     def prepare(self, cfg: JobConfig, layout: Layout) -> Plan:
         if not cfg.model.from_:
-            raise UserError("dpo needs a starting model: set model.from=MODEL (a Hugging Face dir, one of our runs or "
-                            "checkpoints), usually the result of `llmtrain sft`; it is also the reference")
+            raise UserError(
+                "dpo needs a starting model: set model.from=MODEL (a Hugging Face dir, one of our runs or "
+                "checkpoints), usually the result of `llmtrain sft`; it is also the reference"
+            )
         reference = self._check_reference(cfg) if _section(cfg).reference is not None else None
         plan = super().prepare(cfg, layout)
         if reference is not None:
@@ -66,8 +68,9 @@ class DPOTask(SFTTask):
         return plan
 
     def build_cache(self, cfg: JobConfig, tokenizer, template, seq_len: int, run_dir: Path) -> Path:
-        return build_preference_cache(cfg.data, tokenizer, template, seq_len, cfg.run.seed,
-                                      cfg.data.cache_dir or run_dir / "dpo-cache")
+        return build_preference_cache(
+            cfg.data, tokenizer, template, seq_len, cfg.run.seed, cfg.data.cache_dir or run_dir / "dpo-cache"
+        )
 
     def _check_reference(self, cfg: JobConfig) -> Path:
         """`dpo.reference` must have the policy's shape and tokenizer (exported once to RUN_DIR/reference
@@ -80,16 +83,20 @@ class DPOTask(SFTTask):
         diffs = [k for k in sorted(set(ours) | set(theirs)) if k != "eos_token_id" and ours.get(k) != theirs.get(k)]
         if diffs:
             k = diffs[0]
-            raise UserError(f"dpo.reference={given} has another shape than the policy ({k}: reference {theirs.get(k)!r}, "
-                            f"policy {ours.get(k)!r}); use a reference of the same architecture, or leave dpo.reference unset")
+            raise UserError(
+                f"dpo.reference={given} has another shape than the policy ({k}: reference {theirs.get(k)!r}, "
+                f"policy {ours.get(k)!r}); use a reference of the same architecture, or leave dpo.reference unset"
+            )
         policy_tok = load_tokenizer(cfg.data.tokenizer or base)
         try:
             same = load_tokenizer(reference).fingerprint == policy_tok.fingerprint
         except UserError:
             same = False
         if not same:
-            raise UserError(f"dpo.reference={given} was trained with another tokenizer than the policy, so their "
-                            "log-probabilities are not comparable; use a reference with the policy's tokenizer")
+            raise UserError(
+                f"dpo.reference={given} was trained with another tokenizer than the policy, so their "
+                "log-probabilities are not comparable; use a reference with the policy's tokenizer"
+            )
         return reference
 
     # Worker side
@@ -102,8 +109,18 @@ class DPOTask(SFTTask):
     def batches(self, split, grad_accum: int, shuffle: bool, wrap: bool):
         layout, ctx = self.layout, self.ctx
         name = next(n for n, s in self._splits.items() if s is split)
-        batches = PreferenceBatches(split, self.info["seq_len"], self.meta["pad_id"], layout.micro_batch_size, grad_accum,
-                                    ctx.rank, ctx.world_size, self.cfg.run.seed, shuffle=shuffle, wrap=wrap)
+        batches = PreferenceBatches(
+            split,
+            self.info["seq_len"],
+            self.meta["pad_id"],
+            layout.micro_batch_size,
+            grad_accum,
+            ctx.rank,
+            ctx.world_size,
+            self.cfg.run.seed,
+            shuffle=shuffle,
+            wrap=wrap,
+        )
         return _WithReference(batches, lambda: self._precomputed.get(name))
 
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
@@ -148,8 +165,16 @@ class DPOTask(SFTTask):
                     ref_chosen, ref_rejected, _, _ = pair_values(batch_logprobs(reference, mb), mb)
         dpo = self.dpo
         losses, r_chosen, r_rejected = preference_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta=dpo.beta, loss_type=dpo.loss_type,
-            label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma, chosen_lengths=n_chosen, rejected_lengths=n_rejected,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=dpo.beta,
+            loss_type=dpo.loss_type,
+            label_smoothing=dpo.label_smoothing,
+            simpo_gamma=dpo.simpo_gamma,
+            chosen_lengths=n_chosen,
+            rejected_lengths=n_rejected,
         )
         margin = r_chosen - r_rejected
         stats = {
@@ -188,8 +213,13 @@ class DPOTask(SFTTask):
         val = self.validation()
         held_out = mean_loss(engine, val, ctx, self.loss, self.count) if val is not None else None
         if held_out is not None:
-            result.update({"reward_accuracy": held_out["rewards/accuracies"], "reward_margin": held_out["rewards/margins"],
-                           "pairs_loss": held_out["loss"]})
+            result.update(
+                {
+                    "reward_accuracy": held_out["rewards/accuracies"],
+                    "reward_margin": held_out["rewards/margins"],
+                    "pairs_loss": held_out["loss"],
+                }
+            )
         return result
 
     # Precomputed reference log-probabilities
@@ -209,8 +239,18 @@ class DPOTask(SFTTask):
                 table = torch.zeros((split.num_pairs, 2), dtype=torch.float64, device=ctx.device)
                 per_pass = self.layout.micro_batch_size * ctx.world_size
                 passes = -(-split.num_rows // per_pass)
-                batches = PreferenceBatches(split, self.info["seq_len"], self.meta["pad_id"], self.layout.micro_batch_size,
-                                            passes, ctx.rank, ctx.world_size, self.cfg.run.seed, shuffle=False, wrap=False)
+                batches = PreferenceBatches(
+                    split,
+                    self.info["seq_len"],
+                    self.meta["pad_id"],
+                    self.layout.micro_batch_size,
+                    passes,
+                    ctx.rank,
+                    ctx.world_size,
+                    self.cfg.run.seed,
+                    shuffle=False,
+                    wrap=False,
+                )
                 engine.train(False)
                 with torch.no_grad():
                     for mb in batches.next_step():

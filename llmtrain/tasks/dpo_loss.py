@@ -47,8 +47,7 @@ def batch_logprobs(model, micro_batch: dict) -> torch.Tensor:
     or a DeepSpeed engine around one; the micro-batch already on its device): the per-token
     cross-entropy comes from the LM head's own forward (reduction="none"), so the [B, L, V]
     logits are never materialised and ZeRO-3 gathers the head's weight there."""
-    ce = model(micro_batch["input_ids"], position_ids=micro_batch["position_ids"], labels=micro_batch["labels"],
-               reduction="none")
+    ce = model(micro_batch["input_ids"], position_ids=micro_batch["position_ids"], labels=micro_batch["labels"], reduction="none")
     seq_ids = micro_batch["seq_ids"].to(ce.device)
     return sequence_logprobs(-ce, seq_ids, int(micro_batch["response_lengths"].numel()))
 
@@ -62,10 +61,19 @@ def pair_values(seq_values: torch.Tensor, micro_batch: dict) -> tuple[torch.Tens
     return seq_values[chosen], seq_values[rejected], lengths[chosen], lengths[rejected]
 
 
-def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: Optional[torch.Tensor],
-                    ref_rejected_logps: Optional[torch.Tensor], *, beta: float, loss_type: str = "sigmoid",
-                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5, chosen_lengths: Optional[torch.Tensor] = None,
-                    rejected_lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: Optional[torch.Tensor],
+    ref_rejected_logps: Optional[torch.Tensor],
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    chosen_lengths: Optional[torch.Tensor] = None,
+    rejected_lengths: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses [P], chosen rewards [P], rejected rewards [P]) in fp32 (fp64 inputs stay
     fp64); the rewards are detached. Inputs are [P] summed log-probabilities (the formulas: module
     docstring); ipo and simpo need the token counts, simpo no reference (None is accepted there).

@@ -53,5 +53,13 @@ class PretrainTask(Task):
             sources = str(cfg.data.path)
         else:
             raise UserError("no training data: set data.path=PREPARED_DIR (from `llmtrain prepare`) or data.mixture")
-        return TokenLoader(sources, split=split, micro_batch_size=micro, grad_accum=grad_accum, rank=rank, world_size=world,
-                           seed=cfg.run.seed, shuffle=shuffle)
+        return TokenLoader(
+            sources,
+            split=split,
+            micro_batch_size=micro,
+            grad_accum=grad_accum,
+            rank=rank,
+            world_size=world,
+            seed=cfg.run.seed,
+            shuffle=shuffle,
+        )

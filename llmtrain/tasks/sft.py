@@ -77,30 +77,43 @@ class SFTTask(Task):
         base, source_meta = resolve_base(cfg, run_dir)
         tok_dir = cfg.data.tokenizer or base
         if tok_dir is None:
-            raise UserError("sft needs a base: set model.from=MODEL (a Hugging Face dir, one of our runs or checkpoints), "
-                            "or data.tokenizer=DIR to train model.preset from scratch")
+            raise UserError(
+                "sft needs a base: set model.from=MODEL (a Hugging Face dir, one of our runs or checkpoints), "
+                "or data.tokenizer=DIR to train model.preset from scratch"
+            )
         tokenizer = load_tokenizer(tok_dir)
         model_config, _ = model_source(cfg, tokenizer.vocab_size, 0, base)
         seq_len = cfg.data.seq_len or min(model_config.max_position_embeddings, 2048)
         if seq_len > model_config.max_position_embeddings:
-            raise UserError(f"data.seq_len={seq_len} is longer than the model's {model_config.max_position_embeddings} positions; "
-                            f"set data.seq_len <= {model_config.max_position_embeddings}")
+            raise UserError(
+                f"data.seq_len={seq_len} is longer than the model's {model_config.max_position_embeddings} positions; "
+                f"set data.seq_len <= {model_config.max_position_embeddings}"
+            )
         check_plan(cfg, model_config)
-        template = resolve_template(cfg.data.chat_template, tokenizer, eos_list(model_config.eos_token_id) + _generation_eos(base))
+        template = resolve_template(
+            cfg.data.chat_template, tokenizer, eos_list(model_config.eos_token_id) + _generation_eos(base)
+        )
         cache = self.build_cache(cfg, tokenizer, template, seq_len, run_dir)
         base_val, note = _base_validation(cfg, source_meta, tokenizer)
         _advise(cfg, base, source_meta)
-        info = {"base": None if base is None else str(base), "cache": str(cache), "seq_len": seq_len,
-                "base_val": None if base_val is None else str(base_val), "base_val_note": note,
-                "stop_ids": self.read_cache_meta(cache)["stop_ids"]}
+        info = {
+            "base": None if base is None else str(base),
+            "cache": str(cache),
+            "seq_len": seq_len,
+            "base_val": None if base_val is None else str(base_val),
+            "base_val_note": note,
+            "stop_ids": self.read_cache_meta(cache)["stop_ids"],
+        }
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / POINTER, info)
         return Plan(self._model(cfg, info))
 
     def build_cache(self, cfg: JobConfig, tokenizer, template, seq_len: int, run_dir: Path) -> Path:
         if cfg.data.format == "preference":
-            raise UserError("data.format=preference is preference data: train it with `llmtrain dpo`, or give sft "
-                            "chat, pairs or labelled records")
+            raise UserError(
+                "data.format=preference is preference data: train it with `llmtrain dpo`, or give sft "
+                "chat, pairs or labelled records"
+            )
         return build_cache(cfg.data, tokenizer, template, seq_len, cfg.run.seed, cfg.data.cache_dir or run_dir / "sft-cache")
 
     def read_cache_meta(self, cache: Path) -> dict:
@@ -121,8 +134,10 @@ class SFTTask(Task):
         self.cfg, self.layout, self.ctx = cfg, layout, ctx
         pointer = Path(cfg.run.dir) / POINTER
         if not pointer.is_file():
-            raise UserError(f"{pointer} is missing: the {self.name} data is prepared by `llmtrain {self.name}` before workers "
-                            "start; launch through it (or torchrun, where rank 0 prepares it)")
+            raise UserError(
+                f"{pointer} is missing: the {self.name} data is prepared by `llmtrain {self.name}` before workers "
+                "start; launch through it (or torchrun, where rank 0 prepares it)"
+            )
         self.info = json.loads(pointer.read_text())
         self.cache = Path(self.info["cache"])
         self.meta = self.read_cache_meta(self.cache)
@@ -136,8 +151,18 @@ class SFTTask(Task):
 
     def batches(self, split, grad_accum: int, shuffle: bool, wrap: bool):
         layout, ctx = self.layout, self.ctx
-        return SFTBatches(split, self.info["seq_len"], self.meta["pad_id"], layout.micro_batch_size, grad_accum, ctx.rank,
-                          ctx.world_size, self.cfg.run.seed, shuffle=shuffle, wrap=wrap)
+        return SFTBatches(
+            split,
+            self.info["seq_len"],
+            self.meta["pad_id"],
+            layout.micro_batch_size,
+            grad_accum,
+            ctx.rank,
+            ctx.world_size,
+            self.cfg.run.seed,
+            shuffle=shuffle,
+            wrap=wrap,
+        )
 
     def validation(self):
         split = self._val_split
@@ -155,13 +180,28 @@ class SFTTask(Task):
         """Task accuracy (labelled data) and the base's pretraining validation loss (forgetting)."""
         layout = self.layout
         engine.module.train(False)
-        acc = choice_accuracy(lambda ids: engine(ids), Choices.open(self.cache), self.cfg.finetune.eval_examples, ctx.rank,
-                              ctx.world_size, layout.micro_batch_size, self.meta["pad_id"], ctx.device, ctx.all_reduce_sum)
+        acc = choice_accuracy(
+            lambda ids: engine(ids),
+            Choices.open(self.cache),
+            self.cfg.finetune.eval_examples,
+            ctx.rank,
+            ctx.world_size,
+            layout.micro_batch_size,
+            self.meta["pad_id"],
+            ctx.device,
+            ctx.all_reduce_sum,
+        )
         engine.module.train(True)
         base_val = None
         if self.info["base_val"] is not None:
-            base_val = prepared_val_loss(engine, Path(self.info["base_val"]), layout.micro_batch_size,
-                                         self.cfg.train.val_batches * layout.grad_accum, ctx, self.cfg.run.seed)
+            base_val = prepared_val_loss(
+                engine,
+                Path(self.info["base_val"]),
+                layout.micro_batch_size,
+                self.cfg.train.val_batches * layout.grad_accum,
+                ctx,
+                self.cfg.run.seed,
+            )
         return {"accuracy": acc, "base_val_loss": base_val}
 
     def start(self, engine, ctx: WorkerContext, run_dir: Path) -> None:
@@ -176,8 +216,14 @@ class SFTTask(Task):
         if self.lora is not None:
             tensors = trainable_state(engine, ctx.rank)
             if ctx.is_main:
-                write_adapter(peft_adapter_state(engine.module, tensors), self.lora, run_dir / "adapter", self.info["base"],
-                              tokenizer_dir=run_dir / "tokenizer", expected=expected_shapes(self.model_config, self.lora))
+                write_adapter(
+                    peft_adapter_state(engine.module, tensors),
+                    self.lora,
+                    run_dir / "adapter",
+                    self.info["base"],
+                    tokenizer_dir=run_dir / "tokenizer",
+                    expected=expected_shapes(self.model_config, self.lora),
+                )
                 log.info("LoRA adapter (PEFT format): %s", run_dir / "adapter")
         after = self.measure(engine, ctx)
         if ctx.is_main:
@@ -230,8 +276,10 @@ def export_base(source: Path, target: Path, key: str) -> Path:
         load_hf_config(source)  # unsupported architectures: one line, now
         return source
     if not source.is_dir() or not ((source / checkpoint.META).is_file() or (source / checkpoint.CHECKPOINTS).is_dir()):
-        raise UserError(f"{key}={source}: not a Hugging Face model directory (config.json), one of our run directories "
-                        "or a checkpoint directory")
+        raise UserError(
+            f"{key}={source}: not a Hugging Face model directory (config.json), one of our run directories "
+            "or a checkpoint directory"
+        )
     ckpt = pick_checkpoint(source)
     meta = checkpoint.read_meta(ckpt)
     marker = {"source": str(ckpt.resolve()), "step": meta["step"]}
@@ -272,8 +320,10 @@ def _base_validation(cfg: JobConfig, source_meta: Optional[dict], tokenizer) -> 
         return None, f"{path} has no validation split"
     if prepared.fingerprint != tokenizer.fingerprint:
         if cfg.finetune.base_val_path is not None:
-            raise UserError(f"finetune.base_val_path={path} was tokenized with another tokenizer than the fine-tuning one; "
-                            "give data prepared with the base model's tokenizer")
+            raise UserError(
+                f"finetune.base_val_path={path} was tokenized with another tokenizer than the fine-tuning one; "
+                "give data prepared with the base model's tokenizer"
+            )
         return None, f"{path} was tokenized with another tokenizer"
     return path, None
 
@@ -284,12 +334,18 @@ def _advise(cfg: JobConfig, base: Optional[Path], source_meta: Optional[dict]) -
         return
     pre_lr = ((source_meta or {}).get("config") or {}).get("train", {}).get("lr")
     if pre_lr is not None and cfg.train.lr > 0.5 * pre_lr:
-        print(f"llmtrain: note: full fine-tuning at train.lr={cfg.train.lr:g}, close to the base's pretraining lr {pre_lr:g}; "
-              "fine-tuning keeps more of the base at 3-10x lower (e.g. train.lr="
-              f"{pre_lr / 5:.1e}) with warmup", file=sys.stderr)
+        print(
+            f"llmtrain: note: full fine-tuning at train.lr={cfg.train.lr:g}, close to the base's pretraining lr {pre_lr:g}; "
+            "fine-tuning keeps more of the base at 3-10x lower (e.g. train.lr="
+            f"{pre_lr / 5:.1e}) with warmup",
+            file=sys.stderr,
+        )
     if cfg.train.warmup_steps == 0:
-        print("llmtrain: note: full fine-tuning without warmup; a few percent of the steps (train.warmup_steps) "
-              "avoid a large first update to the pretrained weights", file=sys.stderr)
+        print(
+            "llmtrain: note: full fine-tuning without warmup; a few percent of the steps (train.warmup_steps) "
+            "avoid a large first update to the pretrained weights",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +360,10 @@ def parse_layers(spec: Optional[str], num_layers: int) -> set[int]:
         a, _, b = part.partition("-")
         lo, hi = int(a), int(b or a)
         if lo > hi or hi >= num_layers:
-            raise UserError(f"finetune.freeze_layers={spec}: the model has {num_layers} blocks (0-{num_layers - 1}); "
-                            "give indices in that range, low-high")
+            raise UserError(
+                f"finetune.freeze_layers={spec}: the model has {num_layers} blocks (0-{num_layers - 1}); "
+                "give indices in that range, low-high"
+            )
         layers.update(range(lo, hi + 1))
     return layers
 
@@ -331,8 +389,10 @@ def select_trainable(model: torch.nn.Module, cfg: JobConfig, model_config, seed:
         hits = [p for name, p in named if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
             shown = ", ".join(name for name, _ in named[:3])
-            raise UserError(f"finetune.freeze: {pattern!r} matches no parameter (names look like {shown}, ...); "
-                            "use an fnmatch pattern over parameter names, e.g. 'model.embed_tokens.*'")
+            raise UserError(
+                f"finetune.freeze: {pattern!r} matches no parameter (names look like {shown}, ...); "
+                "use an fnmatch pattern over parameter names, e.g. 'model.embed_tokens.*'"
+            )
         for p in hits:
             p.requires_grad_(False)
     for name, p in named:
