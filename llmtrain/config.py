@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmtrain.data.atomic import atomic_write_text
 from llmtrain.errors import UserError
 
 
@@ -331,11 +332,7 @@ def write_resolved_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:
     """Write the fully resolved config to RUN_DIR/config.yaml (atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    tmp = target.with_suffix(f".yaml.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from llmtrain.data.atomic import atomic_file, atomic_write_text
+
 # Dense tensor-core peak FLOP/s per device for bf16/fp16 (vendor datasheets).
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
@@ -105,9 +107,7 @@ class MetricsWriter:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
@@ -156,8 +156,7 @@ def plot_loss(run_dir: str | os.PathLike) -> Optional[Path]:
     ax_tps.set_xlabel("step")
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
-    tmp = out.with_name(".loss.png.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

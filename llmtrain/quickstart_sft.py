@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llmtrain.config import load_config
+from llmtrain.data.atomic import atomic_write_text
 from llmtrain.data.clean import CleanStats
 from llmtrain.data.readers import expand_inputs, iter_documents
 from llmtrain.evaluate import generations, load_model
@@ -46,9 +47,7 @@ def continue_dataset(inputs: list[str], output: Path, examples: int = 2000, seed
     rng.shuffle(pairs)
     held_out, train = pairs[:2], pairs[2 : 2 + examples]
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": f"Continue: {p}", "response": r}) + "\n" for p, r in train))
-    tmp.replace(output)
+    atomic_write_text(output, "".join(json.dumps({"prompt": f"Continue: {p}", "response": r}) + "\n" for p, r in train))
     return output, [f"Continue: {p}" for p, _ in held_out]
 
 

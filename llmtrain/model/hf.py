@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Union
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.model_config import ModelConfig
@@ -175,11 +175,7 @@ def save_hf_checkpoint(
         raise UserError(f"{out_dir} already exists and is not empty; choose another output directory or remove it")
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, replace=overwrite) as tmp:
         weight_map, total_bytes, saved_dtype = _write_shards(tensors, config, expected, tmp, max_shard_bytes, dtype)
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -190,16 +186,6 @@ def save_hf_checkpoint(
             k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from llmtrain.config import DpoSection, JobConfig
-from llmtrain.data.atomic import atomic_write_json
+from llmtrain.data.atomic import atomic_file, atomic_write_json
 from llmtrain.data.preference import PreferenceBatches, PreferenceSplit, build_preference_cache
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine import Layout
@@ -323,9 +323,8 @@ def _read_reference(path: Path, key: str, say: bool) -> Optional[dict[str, np.nd
 
 
 def _write_reference(path: Path, key: str, tables: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, key=np.asarray(key), **tables)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # keeps the .npz suffix, so numpy writes exactly that file
+        np.savez(tmp, key=np.asarray(key), **tables)
     print(f"llmtrain: reference log-probabilities of {sum(len(t) for t in tables.values()):,} pairs cached in {path}")
 
 
