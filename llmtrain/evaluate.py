@@ -266,6 +266,8 @@ def format_report(report: dict) -> str:
     lines = [f"fine-tuning report ({report['report']})", f"  {'':34s}{'before':>10s}{'after':>10s}"]
     rows = [
         ("task accuracy (label log-prob)", "accuracy"),
+        ("held-out reward accuracy", "reward_accuracy"),
+        ("held-out reward margin", "reward_margin"),
         ("task validation loss", "val_loss"),
         ("base validation loss (forgetting)", "base_val_loss"),
     ]

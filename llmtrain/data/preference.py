@@ -72,8 +72,17 @@ from typing import Any, Optional
 import numpy as np
 
 from llmtrain.data.atomic import atomic_dir
-from llmtrain.data.chat import ROLES, ChatTemplate, check_mask
-from llmtrain.data.sft import _encode, _field, _prompt, cache_key, data_files, pad_id, read_records
+from llmtrain.data.chat import ChatTemplate, check_mask
+from llmtrain.data.sft import (
+    cache_key,
+    checked_messages,
+    data_files,
+    encode_records,
+    pad_id,
+    read_records,
+    record_field,
+    record_prompt,
+)
 from llmtrain.data.sft_batches import IGNORE, SFTBatches, pack_rows, row_arrays
 from llmtrain.errors import UserError
 
@@ -92,16 +101,7 @@ def _messages(value: Any, where: str, field: str) -> list[dict]:
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list):
         raise UserError(f"{where}: {field!r} must be a string, a {{role, content}} message or a list of them")
-    out = []
-    for j, m in enumerate(items):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: {field!r} message {j + 1} needs a string 'content' and a 'role'")
-        if m.get("role") not in ROLES:
-            raise UserError(
-                f"{where}: {field!r} message {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}"
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return checked_messages(items, where, f"{field!r} message")
 
 
 def pair_conversations(record: dict, data, where: str) -> tuple[list[dict], list[dict], int]:
@@ -116,10 +116,13 @@ def pair_conversations(record: dict, data, where: str) -> tuple[list[dict], list
             shared = _messages(value, where, data.prompt_field)
         else:
             system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
-            shared = [*system, {"role": "user", "content": _prompt(record, data, data.prompt_field, "data.prompt_field", where)}]
+            shared = [
+                *system,
+                {"role": "user", "content": record_prompt(record, data, data.prompt_field, "data.prompt_field", where)},
+            ]
     sides = []
     for name, key in ((data.chosen_field, "data.chosen_field"), (data.rejected_field, "data.rejected_field")):
-        side = _messages(_field(record, name, where, key), where, name)
+        side = _messages(record_field(record, name, where, key), where, name)
         if not any(m["role"] == "assistant" for m in side):
             raise UserError(f"{where}: {name!r} has no assistant message, so nothing to compare; give it an assistant turn")
         sides.append([*shared, *side])
@@ -304,7 +307,7 @@ def _encode_split(records, order, data, tokenizer, template, seq_len: int, where
     for begin in range(0, len(order), _CHUNK):
         idx = [int(i) for i in order[begin : begin + _CHUNK]]
         pairs = [pair_conversations(records[i], data, where(i)) for i in idx]
-        encoded = _encode(
+        encoded = encode_records(
             template, tokenizer, [conv for c, r, _ in pairs for conv in (c, r)], [i for i in idx for _ in range(2)], where
         )
         for k, i in enumerate(idx):

@@ -116,7 +116,7 @@ def detect_format(record: dict, data) -> str:
     )
 
 
-def _field(record: dict, name: str, where: str, key: str) -> Any:
+def record_field(record: dict, name: str, where: str, key: str) -> Any:
     value = record.get(name)
     if value is None:
         raise UserError(
@@ -126,16 +126,30 @@ def _field(record: dict, name: str, where: str, key: str) -> Any:
     return value
 
 
-def _prompt(record: dict, data, field: str, field_key: str, where: str) -> str:
+def record_prompt(record: dict, data, field: str, field_key: str, where: str) -> str:
     if data.template is None:
-        return str(_field(record, field, where, field_key))
+        return str(record_field(record, field, where, field_key))
     for _, name, _, _ in string.Formatter().parse(data.template):
         if name is not None:
-            _field(record, name.split(".")[0].split("[")[0], where, "data.template")
+            record_field(record, name.split(".")[0].split("[")[0], where, "data.template")
     try:
         return data.template.format(**record)
     except (KeyError, IndexError, ValueError, AttributeError) as err:
         raise UserError(f"data.template {data.template!r} cannot be filled from {where} ({err}); fix the template") from None
+
+
+def checked_messages(items: list, where: str, label: str = "message") -> list[dict]:
+    """{role, content} copies of `items`; a malformed message is a UserError naming it (1-based)."""
+    out = []
+    for j, m in enumerate(items):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {label} {j + 1} needs a string 'content' and a 'role'")
+        if m.get("role") not in ROLES:
+            raise UserError(
+                f"{where}: {label} {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def conversation(
@@ -143,28 +157,20 @@ def conversation(
 ) -> list[dict]:
     """The conversation of one record (`answer` replaces a labelled record's own label word)."""
     if fmt == "chat":
-        messages = _field(record, data.messages_field, where, "data.messages_field")
+        messages = record_field(record, data.messages_field, where, "data.messages_field")
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: {data.messages_field!r} must be a non-empty list of {{role, content}} messages")
-        out = []
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: message {j + 1} needs a string 'content' and a 'role'")
-            if m.get("role") not in ROLES:
-                raise UserError(
-                    f"{where}: message {j + 1} has unknown role {m.get('role')!r}; roles must be one of {', '.join(ROLES)}"
-                )
-            out.append({"role": m["role"], "content": m["content"]})
+        out = checked_messages(messages, where)
         if not any(m["role"] == "assistant" for m in out):
             raise UserError(f"{where}: no assistant message, so nothing to learn; every conversation needs an assistant turn")
         return out
     if fmt == "pairs":
-        prompt = _prompt(record, data, data.prompt_field, "data.prompt_field", where)
-        response = str(_field(record, data.response_field, where, "data.response_field"))
+        prompt = record_prompt(record, data, data.prompt_field, "data.prompt_field", where)
+        response = str(record_field(record, data.response_field, where, "data.response_field"))
     else:  # labelled
-        prompt = _prompt(record, data, data.text_field, "data.text_field", where)
+        prompt = record_prompt(record, data, data.text_field, "data.text_field", where)
         if answer is None:
-            label = str(_field(record, data.label_field, where, "data.label_field"))
+            label = str(record_field(record, data.label_field, where, "data.label_field"))
             if label_words is not None and label not in label_words:
                 raise UserError(
                     f"{where} has label {label!r}, not one of data.label_words ({', '.join(label_words)}); "
@@ -311,7 +317,7 @@ def _encode_split(records, order, fmt, data, tokenizer, template, seq_len, label
     for begin in range(0, len(order), _CHUNK):
         idx = [int(i) for i in order[begin : begin + _CHUNK]]
         convs = [conversation(records[i], fmt, data, where(i), label_words) for i in idx]
-        encoded = _encode(template, tokenizer, convs, idx, where)
+        encoded = encode_records(template, tokenizer, convs, idx, where)
         for i, (ids, mask) in zip(idx, encoded):
             truncated = len(ids) > seq_len
             if truncated:
@@ -341,7 +347,7 @@ def _encode_split(records, order, fmt, data, tokenizer, template, seq_len, label
     return out
 
 
-def _encode(template, tokenizer, convs, idx, where):
+def encode_records(template, tokenizer, convs, idx, where):
     try:
         return encode_conversations(template, tokenizer, convs)
     except TemplateError:
@@ -389,11 +395,11 @@ def make_choices(records, order, kept, data, tokenizer, template, seq_len, label
     for i in (int(i) for i in order):
         if i not in keep:
             continue
-        label = str(_field(records[i], data.label_field, where(i), "data.label_field"))
+        label = str(record_field(records[i], data.label_field, where(i), "data.label_field"))
         gold.append(labels.index(label) if label in labels else -1)
         convs += [conversation(records[i], "labelled", data, where(i), label_words, answer=label_words[w]) for w in labels]
         owners += [i] * len(labels)
-    encoded = _encode(template, tokenizer, convs, owners, where) if convs else []
+    encoded = encode_records(template, tokenizer, convs, owners, where) if convs else []
     flat_ids, flat_mask, lengths, gold_kept = [], [], [], []
     for k in range(len(gold)):
         group = encoded[k * len(labels) : (k + 1) * len(labels)]

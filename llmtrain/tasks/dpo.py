@@ -51,6 +51,7 @@ REFERENCE_FILE = "reference_logps.npz"
 
 class DPOTask(SFTTask):
     name = "dpo"
+    split_class, batches_class = PreferenceSplit, PreferenceBatches
 
     # Driver side
 
@@ -102,26 +103,12 @@ class DPOTask(SFTTask):
     # Worker side
 
     def open_split(self, name: str):
-        split = PreferenceSplit.open(self.cache, name)
-        self._splits[name] = split
+        self._splits[name] = split = super().open_split(name)
         return split
 
     def batches(self, split, grad_accum: int, shuffle: bool, wrap: bool):
-        layout, ctx = self.layout, self.ctx
         name = next(n for n, s in self._splits.items() if s is split)
-        batches = PreferenceBatches(
-            split,
-            self.info["seq_len"],
-            self.meta["pad_id"],
-            layout.micro_batch_size,
-            grad_accum,
-            ctx.rank,
-            ctx.world_size,
-            self.cfg.run.seed,
-            shuffle=shuffle,
-            wrap=wrap,
-        )
-        return _WithReference(batches, lambda: self._precomputed.get(name))
+        return _WithReference(super().batches(split, grad_accum, shuffle, wrap), lambda: self._precomputed.get(name))
 
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
         self._splits: dict[str, Optional[PreferenceSplit]] = {}
@@ -239,18 +226,7 @@ class DPOTask(SFTTask):
                 table = torch.zeros((split.num_pairs, 2), dtype=torch.float64, device=ctx.device)
                 per_pass = self.layout.micro_batch_size * ctx.world_size
                 passes = -(-split.num_rows // per_pass)
-                batches = PreferenceBatches(
-                    split,
-                    self.info["seq_len"],
-                    self.meta["pad_id"],
-                    self.layout.micro_batch_size,
-                    passes,
-                    ctx.rank,
-                    ctx.world_size,
-                    self.cfg.run.seed,
-                    shuffle=False,
-                    wrap=False,
-                )
+                batches = super().batches(split, passes, shuffle=False, wrap=False)
                 engine.train(False)
                 with torch.no_grad():
                     for mb in batches.next_step():

@@ -68,6 +68,7 @@ BASE_MARKER = "llmtrain_base.json"
 
 class SFTTask(Task):
     name = "sft"
+    split_class, batches_class = SFTSplit, SFTBatches  # the tokenized cache's reader and its batches
 
     # Driver side: base model, tokenized data -> RUN_DIR/sft-data.json
 
@@ -147,11 +148,11 @@ class SFTTask(Task):
         return TaskData(self.model_config, train, self.info["seq_len"], self.cache / "tokenizer", self._weights)
 
     def open_split(self, name: str):
-        return SFTSplit.open(self.cache, name)
+        return self.split_class.open(self.cache, name)
 
     def batches(self, split, grad_accum: int, shuffle: bool, wrap: bool):
         layout, ctx = self.layout, self.ctx
-        return SFTBatches(
+        return self.batches_class(
             split,
             self.info["seq_len"],
             self.meta["pad_id"],
