@@ -30,6 +30,17 @@ BASE = [
 ]
 
 
+def benchmark(name: str):
+    """A module of benchmarks/ loaded by path: benchmarks/ never goes on sys.path, where its
+    kernels.py would shadow the kernels package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_data(base: Path) -> Path:
     """Tokenizer (vocab 512) + prepared shards (seq 64) from the TinyStories subset in ../shared.
     Built once under `base` (a lock makes concurrent callers wait, then reuse it)."""

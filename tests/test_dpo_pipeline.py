@@ -11,10 +11,9 @@ import sys
 
 import pytest
 from conftest import SHARED, need_shared
-from runtime_support import BASE, REPO, subprocess_env, tiny_data, torchrun
+from runtime_support import BASE, REPO, benchmark, subprocess_env, tiny_data, torchrun
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from preference_pairs import write_pairs  # noqa: E402
+write_pairs = benchmark("preference_pairs").write_pairs
 
 pytestmark = pytest.mark.slow
 

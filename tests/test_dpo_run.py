@@ -17,12 +17,11 @@ import pytest
 import torch
 from conftest import STORIES260K, need_shared
 from fault_support import bitwise_equal, final_parameters
-from runtime_support import BASE, REPO, losses, subprocess_env, tiny_data, torchrun
+from runtime_support import BASE, REPO, benchmark, losses, subprocess_env, tiny_data, torchrun
 
 from llmtrain.metrics import read_metrics
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from preference_pairs import write_pairs  # noqa: E402
+write_pairs = benchmark("preference_pairs").write_pairs
 
 pytestmark = pytest.mark.slow
 
