@@ -63,7 +63,6 @@ last step with empty rows, where P may be 0 (every rank still runs the same forw
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,7 @@ from llmtrain.data.sft import (
     read_records,
     record_field,
     record_prompt,
+    write_cache_files,
 )
 from llmtrain.data.sft_batches import IGNORE, SFTBatches, pack_rows, row_arrays
 from llmtrain.errors import UserError
@@ -264,10 +264,7 @@ def build_preference_cache(data, tokenizer, template: ChatTemplate, seq_len: int
             meta["val"] = _write_split(tmp, "val", val, seq_len, data.packing)
             stops |= val["stops"]
         meta.update({"stop_ids": sorted(stops), "key": key, "pad_id": pad_id(tokenizer)})
-        tokenizer.save(tmp / "tokenizer")
-        if template.name != "checkpoint":
-            (tmp / "tokenizer" / "chat_template.jinja").write_text(template.source, encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_cache_files(tmp, tokenizer, template, meta)
     t = meta["train"]
     print(
         f"llmtrain: preference data (template {template.name}): {t['pairs']:,} train pairs in {t['rows']:,} rows of "

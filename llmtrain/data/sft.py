@@ -263,10 +263,7 @@ def build_cache(data, tokenizer, template: ChatTemplate, seq_len: int, seed: int
                 "raise data.seq_len, set data.truncation=truncate, or check data.max_examples / data.val_fraction"
             )
         meta = {**counts, "stop_ids": sorted(train["stops"]), "label_words": label_words, "key": key, "pad_id": pad_id(tokenizer)}
-        tokenizer.save(tmp / "tokenizer")
-        if template.name != "checkpoint":
-            (tmp / "tokenizer" / "chat_template.jinja").write_text(template.source, encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_cache_files(tmp, tokenizer, template, meta)
     t = meta["train"]
     print(
         f"llmtrain: sft data ({fmt}, template {template.name}): {t['examples']:,} train examples in {t['rows']:,} rows "
@@ -436,6 +433,15 @@ def _write_choices(tmp, records, order, kept, data, tokenizer, template, seq_len
 
 # ---------------------------------------------------------------------------------------------
 # Reading the cache
+
+
+def write_cache_files(tmp: Path, tokenizer, template: ChatTemplate, meta: dict) -> None:
+    """What every tokenized cache ends with: the tokenizer (with the chat template it was rendered
+    with, for exports) and meta.json."""
+    tokenizer.save(tmp / "tokenizer")
+    if template.name != "checkpoint":
+        (tmp / "tokenizer" / "chat_template.jinja").write_text(template.source, encoding="utf-8")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def read_meta(cache: Path) -> dict:
