@@ -27,6 +27,7 @@ import torch
 from llmtrain.data.chat import resolve_template
 from llmtrain.data.loader import TokenLoader
 from llmtrain.data.sft import data_files, label_set, make_choices, read_records
+from llmtrain.data.shards import check_fits_model, open_prepared
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.generate import eos_ids, generate
@@ -119,9 +120,18 @@ def mean_loss(
 
 
 def prepared_val_loss(
-    model, path: Path, micro_batch_size: int, grad_accum: int, ctx: WorkerContext, seed: int = 0
+    model,
+    path: Path,
+    micro_batch_size: int,
+    grad_accum: int,
+    ctx: WorkerContext,
+    seed: int = 0,
+    model_dir: Optional[Path] = None,
 ) -> Optional[float]:
-    """Token-weighted loss on the validation split of a prepared directory (None if it has none)."""
+    """Token-weighted loss on the validation split of a prepared directory (None if it has none).
+    Data made with another tokenizer than `model_dir`'s, or holding ids beyond the model's
+    vocabulary, is refused before any forward pass."""
+    _check_data_for_model(model, path, model_dir)
     loader = TokenLoader(
         str(path),
         split="val",
@@ -138,6 +148,20 @@ def prepared_val_loss(
     return None if result is None else result["loss"]
 
 
+def _check_data_for_model(model, path: Path, model_dir: Optional[Path]) -> None:
+    config = getattr(getattr(model, "module", model), "config", None)  # a module or the DeepSpeed engine
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        return
+    name = str(model_dir) if model_dir is not None else "the model"
+    fix = (
+        f"prepare it with `llmtrain prepare --tokenizer {model_dir}`"
+        if model_dir is not None
+        else "prepare it with the model's tokenizer"
+    )
+    check_fits_model(open_prepared(path), int(vocab), name, model_dir, fix)
+
+
 # ---------------------------------------------------------------------------------------------
 # `llmtrain eval`
 
@@ -150,8 +174,11 @@ def load_model(model_dir: str | Path, adapter: Optional[str | Path] = None):
     return model.eval()
 
 
-def perplexity(model, data_dir: str | Path, batches: int = 16, micro_batch_size: int = 8) -> dict:
-    loss = prepared_val_loss(model, Path(data_dir), micro_batch_size, batches, WorkerContext.single_process())
+def perplexity(
+    model, data_dir: str | Path, batches: int = 16, micro_batch_size: int = 8, model_dir: Optional[str | Path] = None
+) -> dict:
+    ctx = WorkerContext.single_process()
+    loss = prepared_val_loss(model, Path(data_dir), micro_batch_size, batches, ctx, model_dir=model_dir)
     if loss is None:
         raise UserError(f"{data_dir}: no validation split; prepare it with --val-fraction > 0")
     return {"val_loss": loss, "perplexity": math.exp(loss)}
@@ -229,7 +256,7 @@ def eval_command(
     model = load_model(model_dir, adapter)
     result: dict = {"model": str(model_dir), "adapter": adapter}
     if data is not None:
-        result["perplexity"] = perplexity(model, data, batches)
+        result["perplexity"] = perplexity(model, data, batches, model_dir=Path(model_dir))
         if not as_json:
             print(
                 f"perplexity on {data} (val): {result['perplexity']['perplexity']:.3f} (loss {result['perplexity']['val_loss']:.4f})"

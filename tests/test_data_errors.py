@@ -151,13 +151,62 @@ def test_flipped_byte(damaged, capfd):
     assert str(shard) in msg and "sha256 does not match the manifest" in msg
 
 
+def edit_manifest(directory: Path, edit, reseal: bool = False) -> None:
+    from llmtrain.data.shards import seal_manifest
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(seal_manifest(manifest) if reseal else manifest))
+
+
 def test_unknown_manifest_schema_version(damaged, capfd):
-    manifest = json.loads((damaged / "manifest.json").read_text())
-    manifest["schema_version"] = 2
-    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(damaged, lambda m: m.update(schema_version=99), reseal=True)
     msg = cli_error(["verify", str(damaged)], capfd)
-    assert "manifest schema version 2 is not supported (this llmtrain reads version 1)" in msg
-    with pytest.raises(UserError, match="schema version 2"):
+    assert "manifest schema version 99 is not supported (this llmtrain reads version 2)" in msg
+    with pytest.raises(UserError, match="schema version 99"):
+        TokenLoader(damaged)
+
+
+def test_older_manifest_asks_for_a_rebuild(damaged, capfd):
+    edit_manifest(damaged, lambda m: m.update(schema_version=1))
+    msg = cli_error(["verify", str(damaged)], capfd)
+    assert "written by an older llmtrain (manifest schema version 1" in msg and "llmtrain prepare ... --force" in msg
+
+
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("vocab_size", lambda m: m["tokenizer"].update(vocab_size=50_000)),
+        ("fingerprint", lambda m: m["tokenizer"].update(fingerprint="0" * 64)),
+        ("max_token_id", lambda m: m["splits"]["train"]["shards"][0].update(max_token_id=5)),
+    ],
+)
+def test_edited_manifest_is_refused_by_every_reader(damaged, capfd, field, edit):
+    edit_manifest(damaged, edit)
+    assert "does not match its own manifest_sha256" in cli_error(["verify", str(damaged)], capfd)
+    with pytest.raises(UserError, match="manifest_sha256"):
+        TokenLoader(damaged)
+
+
+def test_resealed_manifest_is_still_checked(damaged, capfd, small_tokenizer):
+    """Hand-edited and re-hashed: the cheap checks and `verify` still compare against the data."""
+    edit_manifest(damaged, lambda m: m["tokenizer"].update(vocab_size=1000), reseal=True)  # ids up to 1999
+    with pytest.raises(UserError, match=r"holds token ids up to \d+ but the manifest's tokenizer has 1000 ids"):
+        TokenLoader(damaged)
+    edit_manifest(damaged, lambda m: m["tokenizer"].update(vocab_size=4000), reseal=True)
+    assert "is not the one the manifest records (vocab 4000" in cli_error(["verify", str(damaged)], capfd)
+    edit_manifest(damaged, lambda m: [s.update(max_token_id=100) for s in m["splits"]["train"]["shards"]], reseal=True)
+    edit_manifest(damaged, lambda m: m["tokenizer"].update(vocab_size=2000), reseal=True)
+    TokenLoader(damaged)  # the cheap check trusts the recorded maximum; verify recounts it
+    assert ", but the manifest says 100 (vocab size 2000)" in cli_error(["verify", str(damaged)], capfd)
+
+
+def test_swapped_tokenizer_copy(damaged, capfd):
+    shutil.rmtree(damaged / "tokenizer")
+    shutil.copytree(STORIES260K, damaged / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    msg = cli_error(["verify", str(damaged)], capfd)
+    assert str(damaged / "tokenizer") in msg and "the tokenizer copy was replaced or edited" in msg
+    with pytest.raises(UserError, match="tokenizer copy was replaced"):
         TokenLoader(damaged)
 
 
@@ -195,9 +244,28 @@ def test_bad_json_inputs(small_tokenizer, tmp_path, capfd):
     (tmp_path / "a.jsonl").write_text('{"body": "A perfectly long enough document."}\n')
     msg = cli_error(prepare_args(tmp_path / "a.jsonl", small_tokenizer, out), capfd)
     assert "no column 'text' (columns: body); pass --text-column NAME" in msg
-    (tmp_path / "b.jsonl").write_text('{"text": "fine document here, long enough"}\n{"text": oops}\n')
-    assert "not valid JSON Lines" in cli_error(prepare_args(tmp_path / "b.jsonl", small_tokenizer, out), capfd)
+    (tmp_path / "b.jsonl").write_text('{"text": "fine document here, long enough"}\n\n{"text": oops}\n')
+    msg = cli_error(prepare_args(tmp_path / "b.jsonl", small_tokenizer, out), capfd)
+    assert "not valid JSON Lines (line 3: not valid JSON" in msg  # 1-based, as an editor counts (pyarrow: row 1)
+    (tmp_path / "c.jsonl").write_text('{"text": "fine document here, long enough"}\n{"text": 5}\n')
+    msg = cli_error(prepare_args(tmp_path / "c.jsonl", small_tokenizer, out), capfd)
+    assert "line 2: 'text' is not text but int" in msg
+    (tmp_path / "d.json").write_text('[{"text": "fine document here, long enough"}, {"text": 5}]')
+    assert "d.json: record 2: column 'text' holds int values" in cli_error(
+        prepare_args(tmp_path / "d.json", small_tokenizer, out), capfd
+    )
     assert_nothing_written(out)
+
+
+def test_check_fits_model(small_prepared, small_tokenizer):
+    from llmtrain.data.shards import check_fits_model, open_prepared
+
+    data = open_prepared(small_prepared)
+    check_fits_model(data, 2000, "m", small_tokenizer, "fix")  # its own tokenizer, a vocabulary that holds every id
+    with pytest.raises(UserError, match=rf"holds token ids up to {data.max_token_id} but m has 1000 token ids \(0..999\); fix"):
+        check_fits_model(data, 1000, "m", None, "fix")
+    with pytest.raises(UserError, match=r"prepared with another tokenizer \(vocab 2000\) than m's \(vocab 512"):
+        check_fits_model(data, 2000, "m", STORIES260K, "fix")
 
 
 def test_tokenizer_command_errors(corpus_slice, small_tokenizer, tmp_path, capfd):

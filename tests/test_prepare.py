@@ -13,7 +13,7 @@ from conftest import CORPUS, STORIES260K
 
 from llmtrain.cli import main
 from llmtrain.data.prepare import prepare
-from llmtrain.data.shards import open_prepared, sha256_file, verify
+from llmtrain.data.shards import manifest_digest, open_prepared, sha256_file, verify
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import UserError
 
@@ -48,15 +48,25 @@ def documents(data, split: str, tok) -> list[str]:
 def test_manifest(small_prepared, small_tokenizer):
     m = json.loads((small_prepared / "manifest.json").read_text())
     tok = load_tokenizer(small_tokenizer)
-    assert m["schema_version"] == 1 and m["seq_len"] == 64 and m["dtype"] == "uint16"
+    assert m["schema_version"] == 2 and m["seq_len"] == 64 and m["dtype"] == "uint16"
+    assert m["manifest_sha256"] == manifest_digest(m)
+    copy = small_prepared / "tokenizer"
+    assert (
+        m["tokenizer"]["files"] == {f.name: sha256_file(f) for f in copy.iterdir()}
+        and "tokenizer.model" in m["tokenizer"]["files"]
+    )
     t = m["tokenizer"]
     assert (t["fingerprint"], t["vocab_size"], t["bos_id"], t["eos_id"], t["pad_id"]) == (tok.fingerprint, 2000, 1, 2, 3)
     assert len(m["splits"]["train"]["shards"]) > 3  # shard_tokens=20k
+    data = open_prepared(small_prepared)
+    largest = {sh.file: int(sh.tokens.max()) for split in data.splits.values() for sh in split.shards}
+    assert data.max_token_id == max(largest.values())
     for split in m["splits"].values():
         for s in split["shards"]:
             path = small_prepared / s["file"]
             assert s["sha256"] == sha256_file(path) and s["bytes"] == path.stat().st_size
             assert (s["rows"] - 1) * 64 < s["tokens"] <= s["rows"] * 64
+            assert s["max_token_id"] == largest[s["file"]] < 2000
         assert split["rows"] == sum(s["rows"] for s in split["shards"])
         assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
         assert split["padding"] == split["rows"] * 64 - split["tokens"]
@@ -158,6 +168,38 @@ def test_rerun_noop_force_and_changed_settings(small_tokenizer, corpus_slice, tm
     m = json.loads((out / "manifest.json").read_text())
     assert m["seq_len"] == 48 and verify(out)
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temp dirs left behind
+
+
+def test_rerun_over_damaged_output_rebuilds_it(small_tokenizer, corpus_slice, tmp_path, capfd):
+    """Up to date means intact too: a flipped byte (same size) is found by sha256 and rebuilt."""
+    inputs = [str(corpus_slice / "inaugural.txt")]
+    out = prepare(inputs, small_tokenizer, 32, tmp_path / "d", shard_tokens=5_000)
+    shard = out / "train-00001.arrow"
+    good = shard.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    shard.write_bytes(bytes(bad))
+    capfd.readouterr()
+    prepare(inputs, small_tokenizer, 32, out, shard_tokens=5_000)
+    err = capfd.readouterr().err
+    assert "is damaged" in err and "sha256 does not match" in err and "rebuilding it" in err and "up to date" not in err
+    assert shard.read_bytes() == good and verify(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_seq_len_longer_than_the_corpus_is_refused_with_the_numbers(small_tokenizer, tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("A few short paragraphs of text.\n\nNot nearly enough for a long row.\n")
+    with pytest.raises(
+        UserError, match=r"--seq-len 1,000,000,000 is longer than the corpus: the train split has \d+ tokens.*99\.\d+% padding"
+    ):
+        prepare([str(text)], small_tokenizer, 10**9, tmp_path / "o", shard_tokens=10**9, val_fraction=0)
+    assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == ["small.txt"]
+    # --shard-tokens has its own bound and no longer limits --seq-len: a shard holds at least one row
+    with pytest.raises(UserError, match="--shard-tokens 0 must be at least 1"):
+        prepare([str(text)], small_tokenizer, 8, tmp_path / "o", shard_tokens=0)
+    data = open_prepared(prepare([str(text)], small_tokenizer, 8, tmp_path / "o", shard_tokens=4, val_fraction=0))
+    assert all(s.rows == 1 for s in data.splits["train"].shards)
 
 
 def test_jsonl_parquet_text_globs_and_dirs_agree(small_tokenizer, corpus_slice, tmp_path):
@@ -287,8 +329,11 @@ def test_verify_cli(small_prepared, capfd):
     assert "sha256 verified" in capfd.readouterr().out
 
 
-def test_loader_rejects_empty_split(small_tokenizer, corpus_slice, tmp_path):
+def test_loader_rejects_empty_split(small_tokenizer, corpus_slice, tmp_path, capfd):
     out = prepare([str(corpus_slice / "inaugural.txt")], small_tokenizer, 64, tmp_path / "o", val_fraction=0.0)
+    assert "note: the val split is empty (--val-fraction 0)" in capfd.readouterr().err
+    prepare([str(corpus_slice / "inaugural.txt")], small_tokenizer, 64, tmp_path / "p", val_fraction=1e-12)
+    assert "note: the val split is empty (--val-fraction 1e-12 selected none of the" in capfd.readouterr().err
     data = open_prepared(out)
     assert not data.has_split("val")
     with pytest.raises(UserError, match="no 'val' rows"):

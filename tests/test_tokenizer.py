@@ -113,6 +113,17 @@ def test_rerun_is_noop_and_other_output_refused(small_tokenizer, corpus_slice, t
         train_tokenizer([str(corpus_slice)], 2500, small_tokenizer)
 
 
+@pytest.mark.parametrize("output", ["plain/tok", "plain"])
+def test_unwritable_output_is_found_before_any_input_is_read(corpus_slice, tmp_path, monkeypatch, output):
+    import llmtrain.data.tokenizer_train as tt
+
+    (tmp_path / "plain").write_text("a file, not a directory\n")
+    monkeypatch.setattr(tt, "iter_documents", lambda *a, **k: pytest.fail("input read before the output was checked"))
+    with pytest.raises(UserError, match="cannot create|is a file, not a directory"):
+        tt.train_tokenizer([str(corpus_slice)], 512, tmp_path / output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
 def test_fingerprint_and_save(small_tokenizer, tmp_path):
     tok = load_tokenizer(small_tokenizer)
     assert tok.fingerprint == load_tokenizer(small_tokenizer).fingerprint

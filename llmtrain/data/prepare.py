@@ -14,12 +14,16 @@ The pipeline, in input order (so the output does not depend on the number of wor
    (llmtrain.data.shard_writer, format in llmtrain.data.shards) plus `manifest.json` and a copy of
    the tokenizer into a temp directory that is renamed to `output` when complete.
 Invalid UTF-8 in text files is replaced with U+FFFD and counted (reported, and in the manifest).
-A rerun with the same inputs (paths, sizes, mtimes) and settings is a no-op unless `force`.
+A rerun with the same inputs (paths, sizes, mtimes) and settings is a no-op unless `force`, once
+the existing output passes `verify` (every shard's sha256, at about 1.7 GB/s); a damaged one is
+rebuilt. Checks before anything is written: each argument's bounds, the output (not a file,
+writable), and after tokenizing a `seq_len` no longer than the train split's tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -44,6 +48,9 @@ from llmtrain.data.shards import (
     dtype_for_vocab,
     dtype_holds,
     open_prepared,
+    seal_manifest,
+    tokenizer_hashes,
+    verify,
 )
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.data.tokenizer_train import input_signature
@@ -91,16 +98,20 @@ def prepare(
             "text_column": text_column,
         },
     }
-    if _up_to_date(out, build, force):
-        print(f"llmtrain: {out} is up to date (same inputs and settings); nothing to do (--force rebuilds)", file=sys.stderr)
+    state = _existing_output(out, build, force)
+    if state == "current":
+        print(
+            f"llmtrain: {out} is up to date (same inputs and settings, sha256 verified); nothing to do (--force rebuilds)",
+            file=sys.stderr,
+        )
         return out
 
     started = time.time()
     threads = max(1, workers or os.cpu_count() or 1)
-    with atomic_dir(out, replace=force) as tmp:
+    with atomic_dir(out, replace=state == "replace") as tmp:  # the temp dir exists before any input is read
         stats, splits = _run(files, tok, seq_len, dtype, val_fraction, shard_tokens, threads, min_chars, text_column, tmp)
-        tok.save(tmp / TOKENIZER_DIR)
-        manifest = _manifest(tok, seq_len, dtype, val_fraction, stats, splits, build, time.time() - started)
+        files_sha256 = _save_tokenizer(tok, tmp / TOKENIZER_DIR)
+        manifest = _manifest(tok, files_sha256, seq_len, dtype, val_fraction, stats, splits, build, time.time() - started)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         open_prepared(tmp)  # our own output must pass the checks every reader runs
     _report(out, manifest, stats, time.time() - started)
@@ -108,12 +119,13 @@ def prepare(
 
 
 def _check_args(seq_len: int, val_fraction: float, shard_tokens: int, workers: Optional[int], min_chars: int, dtype: str) -> None:
+    """Each argument's own bounds (`seq_len` against the corpus is checked after tokenizing)."""
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len} is too small: a row needs at least 2 tokens (an input and its next-token target)")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.01")
-    if shard_tokens < seq_len:
-        raise UserError(f"--shard-tokens {shard_tokens} is smaller than one row ({seq_len} tokens); use a larger value")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens {shard_tokens} must be at least 1 (a shard holds at least one row), e.g. 50000000")
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers} must be at least 1 (or omit it to use all cores)")
     if min_chars < 0:
@@ -132,25 +144,54 @@ def _resolve_dtype(dtype: str, tok: Tokenizer) -> str:
     return dtype
 
 
-def _up_to_date(out: Path, build: dict, force: bool) -> bool:
+def _existing_output(out: Path, build: dict, force: bool) -> str:
+    """What `--output` holds: "none" (absent or empty), "current" (these inputs and settings, and
+    it passes `verify`), or "replace" (`force`, or these inputs and settings but damaged or of
+    another schema version: it is rebuilt). Anything else is refused before any input is read."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory; choose another --output")
     if not out.exists() or is_empty_dir(out):
-        return False
+        return "none"
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{out} exists and is not a prepared directory; choose another --output")
+    if force:
+        return "replace"
     try:
         previous = json.loads(manifest_path.read_text()).get("build", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        previous = {}
-    same = previous.get("inputs") == build["inputs"] and previous.get("settings") == build["settings"]
-    if force:
-        return False
-    if not same:
+        inputs, settings = previous.get("inputs"), previous.get("settings", {})
+        version = settings.get("schema_version")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{manifest_path}: unreadable ({err}); pass --force to rebuild it or choose another --output") from None
+    unversioned = lambda d: {k: v for k, v in d.items() if k != "schema_version"}  # noqa: E731
+    if inputs != build["inputs"] or unversioned(settings) != unversioned(build["settings"]):
         raise UserError(
             f"{out} holds data prepared from other inputs or settings; pass --force to replace it or choose another --output"
         )
-    open_prepared(out)  # up to date only if it is also intact
-    return True
+    if version != SCHEMA_VERSION:
+        print(
+            f"llmtrain: {out} was written by another llmtrain (manifest schema version {version}); rebuilding it", file=sys.stderr
+        )
+        return "replace"
+    try:
+        verify(out, quiet=True)  # up to date only if it is also intact
+    except UserError as err:
+        print(f"llmtrain: {out} is damaged ({err}); rebuilding it", file=sys.stderr)
+        return "replace"
+    return "current"
+
+
+def _save_tokenizer(tok: Tokenizer, directory: Path) -> dict[str, str]:
+    """Copy the tokenizer's files into `directory`; {file: sha256} for the manifest. The copy must
+    be the same tokenizer (readers trust it)."""
+    tok.save(directory)
+    copy = load_tokenizer(directory)
+    if copy.fingerprint != tok.fingerprint:
+        raise UserError(
+            f"{tok.path}: a copy of its tokenizer files is not the same tokenizer (its special ids come from a file "
+            "outside them, e.g. config.json); set bos_token/eos_token in its tokenizer_config.json"
+        )
+    return tokenizer_hashes(directory)
 
 
 def _batches(
@@ -217,6 +258,14 @@ def _run(files, tok: Tokenizer, seq_len, dtype, val_fraction, shard_tokens, thre
         raise UserError(
             f"all {stats.documents_kept} documents went to the validation split; lower --val-fraction or add more documents"
         )
+    train_tokens = writers["train"].tokens
+    if seq_len > train_tokens:  # nothing is written yet: no row is complete
+        padding = math.floor(10_000 * (seq_len - train_tokens) / seq_len) / 100  # never rounded up to 100%
+        raise UserError(
+            f"--seq-len {seq_len:,} is longer than the corpus: the train split has {train_tokens:,} tokens, so its one row "
+            f"would be {padding:.2f}% padding ({seq_len - train_tokens:,} of {seq_len:,}); use --seq-len <= {train_tokens:,} "
+            "or more text"
+        )
     splits = {}
     for name, writer in writers.items():
         entries = writer.finish()
@@ -231,38 +280,43 @@ def _run(files, tok: Tokenizer, seq_len, dtype, val_fraction, shard_tokens, thre
     return stats, splits
 
 
-def _manifest(tok: Tokenizer, seq_len, dtype, val_fraction, stats: CleanStats, splits: dict, build: dict, seconds: float) -> dict:
+def _manifest(
+    tok: Tokenizer, files: dict, seq_len, dtype, val_fraction, stats: CleanStats, splits: dict, build: dict, seconds: float
+) -> dict:
     totals = {k: sum(s[k] for s in splits.values()) for k in ("rows", "tokens", "documents", "padding")}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "format": "llmtrain token shards (Arrow IPC); see llmtrain/data/shards.py",
-        "tokenizer": {
-            "fingerprint": tok.fingerprint,
-            "backend": tok.backend,
-            "vocab_size": tok.vocab_size,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "pad_id": tok.pad_id,
-            "dir": TOKENIZER_DIR,
-            "source": str(tok.path.resolve()),
-        },
-        "seq_len": seq_len,
-        "dtype": dtype,
-        "splits": splits,
-        "totals": totals,
-        "cleaning": stats.to_dict(),
-        "split": {
-            "val_fraction": val_fraction,
-            "unit": "document",
-            "rule": "val iff blake2b-64(cleaned text) / 2^64 < val_fraction",
-        },
-        "build": {
-            **build,
-            "llmtrain_version": llmtrain.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 3),
-        },
-    }
+    return seal_manifest(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "format": "llmtrain token shards (Arrow IPC); see llmtrain/data/shards.py",
+            "tokenizer": {
+                "fingerprint": tok.fingerprint,
+                "backend": tok.backend,
+                "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id,
+                "dir": TOKENIZER_DIR,
+                "files": files,
+                "source": str(tok.path.resolve()),
+            },
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "splits": splits,
+            "totals": totals,
+            "cleaning": stats.to_dict(),
+            "split": {
+                "val_fraction": val_fraction,
+                "unit": "document",
+                "rule": "val iff blake2b-64(cleaned text) / 2^64 < val_fraction",
+            },
+            "build": {
+                **build,
+                "llmtrain_version": llmtrain.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+            },
+        }
+    )
 
 
 def _report(out: Path, manifest: dict, stats: CleanStats, seconds: float) -> None:
@@ -278,6 +332,16 @@ def _report(out: Path, manifest: dict, stats: CleanStats, seconds: float) -> Non
     for name, s in manifest["splits"].items():
         say(
             f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['rows']:,} rows x {manifest['seq_len']} in {len(s['shards'])} shards"
+        )
+    val_fraction = manifest["split"]["val_fraction"]
+    if manifest["splits"]["val"]["rows"] == 0:
+        why = (
+            "--val-fraction 0"
+            if val_fraction == 0
+            else f"--val-fraction {val_fraction} selected none of the {stats.documents_kept:,} documents"
+        )
+        say(
+            f"note: the val split is empty ({why}): training runs without validation and `llmtrain eval --data` has nothing to measure"
         )
     total = manifest["totals"]["tokens"]
     say(f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s ({total / max(seconds, 1e-9) / 1e6:.2f}M tokens/s)")

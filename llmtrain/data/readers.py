@@ -16,6 +16,9 @@ How each format becomes documents:
 - **Parquet** (`.parquet`, `.pq`) via `pyarrow.parquet`, streamed by record batch: one document
   per row of `text_column`.
 JSON and Parquet readers validate UTF-8 themselves: a file they cannot decode is rejected.
+Errors name the place 1-based, as editors do: the line of a JSON Lines file (found by a rescan
+of the file with `json`, since pyarrow counts rows from 0 within each 16 MiB block), the record
+of a JSON array or a Parquet file.
 Directories are searched recursively for these suffixes (hidden files skipped), in sorted order.
 """
 
@@ -197,16 +200,37 @@ def _column(names: Sequence[str], column: str, path: Path) -> None:
         raise UserError(f"{path}: no column '{column}' (columns: {shown}); pass --text-column NAME")
 
 
-def _strings(values: list, path: Path, column: str) -> Iterator[str]:
-    for v in values:
+def _strings(values: list, path: Path, column: str, first: int = 1) -> Iterator[str]:
+    """The text of each value; `first` is the 1-based record number of values[0]."""
+    for i, v in enumerate(values):
         if v is None:
             yield ""
         elif isinstance(v, str):
             yield v
         else:
             raise UserError(
-                f"{path}: column '{column}' holds {type(v).__name__} values, not text; pass --text-column NAME of a text column"
+                f"{path}: record {first + i}: column '{column}' holds {type(v).__name__} values, not text; "
+                "pass --text-column NAME of a text column"
             )
+
+
+def _first_bad_line(path: Path, column: str) -> tuple[int, str] | None:
+    """(1-based line number, what is wrong) of the first line of a JSON Lines file that is not a
+    JSON object with a text (or null/missing) `column`; None if every line is."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return number, f"not valid JSON: {err.msg} at column {err.colno}"
+            if not isinstance(record, dict):
+                return number, f"a JSON {type(record).__name__}, not an object"
+            value = record.get(column)
+            if value is not None and not isinstance(value, str):
+                return number, f"'{column}' is not text but {type(value).__name__}"
+    return None
 
 
 def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
@@ -223,15 +247,17 @@ def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
     try:
         reader = pj.open_json(source, read_options=pj.ReadOptions(block_size=16 << 20))
         _column(reader.schema.names, column, path)
-        done = 0
+        done = records = 0
         for batch in reader:
-            yield from _strings(batch.column(column).to_pylist(), path, column)
+            yield from _strings(batch.column(column).to_pylist(), path, column, records + 1)
+            records += batch.num_rows
             pos = min(source.tell(), size)
             on_bytes(pos - done)
             done = pos
         on_bytes(size - done)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        reason = str(err).splitlines()[0]
+        bad = _first_bad_line(path, column)
+        reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
         raise UserError(
             f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
         ) from None
@@ -262,10 +288,11 @@ def _iter_parquet(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
         raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]}); check the file") from None
     _column(pf.schema_arrow.names, column, path)
     size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
-    done = 0
+    done = records = 0
     try:
         for batch in pf.iter_batches(columns=[column], batch_size=8192):
-            yield from _strings(batch.column(0).to_pylist(), path, column)
+            yield from _strings(batch.column(0).to_pylist(), path, column, records + 1)
+            records += batch.num_rows
             step = size * batch.num_rows // rows
             on_bytes(step)
             done += step

@@ -24,8 +24,16 @@ Row format (each shard, one record batch):
 - manifest `next_token` per shard: the first token of the following shard in the same split
   (null for the last), so the final position of a shard still has a next-token target.
 
-Cheap checks run on open (schema version, file sizes, Arrow schema, row counts); `verify`
-additionally hashes every byte. A mismatch is a `UserError` naming the file and the fix.
+The manifest describes and seals the directory: `manifest_sha256` is the sha256 of the canonical
+JSON of every other field (an edited vocab size or fingerprint is caught), `tokenizer.files` the
+sha256 of each file in `tokenizer/` (a swapped copy is caught), and each shard's `max_token_id`
+(computed while writing) bounds its ids by the vocabulary without reading a token.
+
+Cheap checks run on open (schema version, manifest hash, tokenizer copy hashes, each shard's
+max token id < vocab size, file sizes, Arrow schema, row counts); `verify` additionally hashes
+every shard byte, recomputes every shard's max token id and reloads the tokenizer copy (its
+fingerprint and vocab size must be the manifest's). A mismatch is a `UserError` naming the
+file and the fix.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import numpy as np
 
 from llmtrain.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest_sha256, tokenizer.files, per-shard max_token_id
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -102,7 +110,36 @@ def write_shard(path: Path, tokens: np.ndarray, starts_offsets: np.ndarray, star
     batch = pa.RecordBatch.from_arrays([token_arr, starts_arr], schema=schema)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(batch)
-    return {"file": path.name, "rows": int(rows), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "file": path.name,
+        "rows": int(rows),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "max_token_id": int(tokens.max()) if tokens.size else -1,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest's seals
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of every field but `manifest_sha256`."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """`manifest` with its `manifest_sha256` set (what `prepare` writes)."""
+    return {**manifest, "manifest_sha256": manifest_digest(manifest)}
+
+
+def tokenizer_hashes(directory: Path) -> dict[str, str]:
+    """{file name: sha256} of the files of a tokenizer copy (hidden files aside)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    return {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file() and not f.name.startswith(".")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +202,12 @@ class Prepared:
         return self.manifest["tokenizer"]["fingerprint"]
 
     @property
+    def max_token_id(self) -> int:
+        """The largest token id in any shard (from the manifest; `verify` recomputes it)."""
+        ids = [int(s["max_token_id"]) for split in self.manifest["splits"].values() for s in split["shards"]]
+        return max(ids, default=-1)
+
+    @property
     def pad_id(self) -> int:
         tok = self.manifest["tokenizer"]
         return tok["pad_id"] if tok["pad_id"] is not None else tok["eos_id"]
@@ -200,10 +243,20 @@ def read_manifest(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable manifest ({err}); {_REPREPARE}") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: written by an older llmtrain (manifest schema version {version}; this llmtrain reads version "
+            f"{SCHEMA_VERSION}, which also records hashes of the manifest and tokenizer copy); {_REPREPARE}"
+        )
     if version != SCHEMA_VERSION:
         raise UserError(
             f"{path}: manifest schema version {version!r} is not supported (this llmtrain reads version {SCHEMA_VERSION}); "
-            f"re-run `llmtrain prepare` with this version of llmtrain"
+            f"use the llmtrain that wrote it, or {_REPREPARE}"
+        )
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise UserError(
+            f"{path}: the manifest does not match its own manifest_sha256 (it was edited or is corrupt: "
+            f"vocab size, tokenizer fingerprint, shard list...); restore it or {_REPREPARE}"
         )
     try:
         _check_manifest(manifest)
@@ -221,9 +274,11 @@ def _check_manifest(m: dict) -> None:
     if not dtype_holds(dtype, vocab):
         raise ValueError(f"vocab_size {vocab} does not fit dtype {dtype}")
     m["tokenizer"]["fingerprint"], m["tokenizer"]["eos_id"]  # noqa: B018 (presence)
+    if not isinstance(m["tokenizer"]["files"], dict) or not m["tokenizer"]["files"]:
+        raise ValueError("tokenizer.files")
     for split in m["splits"].values():
         for s in split["shards"]:
-            s["file"], int(s["rows"]), int(s["bytes"]), s["sha256"], int(s["tokens"])  # noqa: B018
+            s["file"], int(s["rows"]), int(s["bytes"]), s["sha256"], int(s["tokens"]), int(s["max_token_id"])  # noqa: B018
 
 
 def open_prepared(path: str | os.PathLike) -> Prepared:
@@ -233,6 +288,14 @@ def open_prepared(path: str | os.PathLike) -> Prepared:
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if not dtype_holds(manifest["dtype"], vocab):
         raise UserError(f"{directory / MANIFEST}: vocab size {vocab} does not fit {manifest['dtype']} tokens; {_REPREPARE}")
+    _check_tokenizer_copy(directory, manifest)
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if int(entry["max_token_id"]) >= vocab:
+                raise UserError(
+                    f"{directory / entry['file']}: holds token ids up to {int(entry['max_token_id'])} but the manifest's "
+                    f"tokenizer has {vocab} ids (0..{vocab - 1}); {_REPREPARE}"
+                )
     splits = {}
     for name, info in manifest["splits"].items():
         shards = [_open_shard(directory, entry, manifest) for entry in info["shards"]]
@@ -242,6 +305,22 @@ def open_prepared(path: str | os.PathLike) -> Prepared:
                 f"{directory / MANIFEST}: split {name} says {info['rows']} rows but its shards hold {splits[name].rows}; {_REPREPARE}"
             )
     return Prepared(directory, manifest, splits)
+
+
+def _check_tokenizer_copy(directory: Path, manifest: dict) -> None:
+    """The files in `tokenizer/` are the ones the data was tokenized with (sha256 per file)."""
+    copy = directory / TOKENIZER_DIR
+    want, have = manifest["tokenizer"]["files"], tokenizer_hashes(copy)
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            problem = "is missing"
+        elif name not in want:
+            problem = "was not part of the tokenizer the data was prepared with"
+        elif have[name] != want[name]:
+            problem = "differs from the file the data was prepared with (sha256 mismatch)"
+        else:
+            continue
+        raise UserError(f"{copy / name}: {problem}: the tokenizer copy was replaced or edited; restore it or {_REPREPARE}")
 
 
 def _view(array, dtype) -> np.ndarray:
@@ -282,10 +361,48 @@ def _open_shard(directory: Path, entry: dict, manifest: dict) -> Shard:
     return Shard(entry["file"], path, rows, tokens, offsets, values, int(entry["tokens"]), entry.get("next_token"))
 
 
+def check_tokenizer(data: Prepared) -> None:
+    """The tokenizer copy, loaded, is the manifest's: same fingerprint and vocab size (`verify`
+    and every driver run this once; the per-file hashes of `open_prepared` are the cheap check)."""
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data.tokenizer_dir)
+    if tok.fingerprint != data.fingerprint or tok.vocab_size != data.vocab_size:
+        raise UserError(
+            f"{data.tokenizer_dir}: this tokenizer (vocab {tok.vocab_size}) is not the one the manifest records "
+            f"(vocab {data.vocab_size}{', another fingerprint' if tok.fingerprint != data.fingerprint else ''}); {_REPREPARE}"
+        )
+
+
+def check_fits_model(data: Prepared, vocab_size: int, model: str, model_dir: Optional[Path], fix: str) -> None:
+    """Refuse `data` for a model (`model` names it in the message) of `vocab_size` ids, or whose
+    directory holds another tokenizer than the one the data was prepared with; `fix` ends the line.
+    The data's own tokenizer copy is checked first (`check_tokenizer`)."""
+    check_tokenizer(data)
+    if model_dir is not None:
+        from llmtrain.data.tokenizer import load_tokenizer, resolve_tokenizer_dir
+
+        tok_dir = resolve_tokenizer_dir(model_dir)
+        if any((tok_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+            tok = load_tokenizer(tok_dir)
+            if tok.fingerprint != data.fingerprint:
+                raise UserError(
+                    f"{data.dir} was prepared with another tokenizer (vocab {data.vocab_size}) than {model}'s "
+                    f"(vocab {tok.vocab_size}, another fingerprint); {fix}"
+                )
+    if data.max_token_id >= vocab_size:
+        raise UserError(
+            f"{data.dir} holds token ids up to {data.max_token_id} but {model} has {vocab_size} token ids "
+            f"(0..{vocab_size - 1}); {fix}"
+        )
+
+
 def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared:
-    """`open_prepared` plus the sha256 of every shard and the range of every token id."""
+    """`open_prepared` plus the sha256 and the largest token id of every shard, and the
+    tokenizer copy reloaded (its fingerprint and vocab size must be the manifest's)."""
     data = open_prepared(path)
     vocab = data.vocab_size
+    check_tokenizer(data)
     n_shards = n_tokens = 0
     for split in data.splits.values():
         entries = {e["file"]: e for e in data.manifest["splits"][split.name]["shards"]}
@@ -295,8 +412,12 @@ def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared:
                 raise UserError(
                     f"{shard.path}: sha256 does not match the manifest (the file changed or is corrupt); {_REPREPARE}"
                 )
-            if shard.rows and int(shard.tokens.max()) >= vocab:
-                raise UserError(f"{shard.path}: token id >= vocab size {vocab}; {_REPREPARE}")
+            largest = int(shard.tokens.max()) if shard.rows else -1
+            if largest != int(entries[shard.file]["max_token_id"]) or largest >= vocab:
+                raise UserError(
+                    f"{shard.path}: largest token id {largest}, but the manifest says "
+                    f"{entries[shard.file]['max_token_id']} (vocab size {vocab}); {_REPREPARE}"
+                )
             n_shards += 1
             n_tokens += shard.real_tokens
     if not quiet:

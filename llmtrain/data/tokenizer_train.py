@@ -13,9 +13,10 @@ prefix, no collapsing of spaces, identity normalisation: cleaning already applie
 `<unk>`=0 `<s>`=1 `</s>`=2 `<pad>`=3, then the chat/control tokens of `CHAT_TOKENS` as
 user-defined pieces. All cores; progress bars for reading and for the merges.
 
-The output directory is complete or absent: built in a temp dir, checked (the transformers
-tokenizer must give sentencepiece's ids on a sample of the training text) and renamed. A rerun
-with the same inputs and settings is a no-op.
+The output directory is complete or absent: built in a temp dir (created before any input is
+read, so an unwritable --output fails at once), checked (the transformers tokenizer must give
+sentencepiece's ids on a sample of the training text) and renamed. A rerun with the same inputs
+and settings is a no-op.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def train_tokenizer(
         "settings": {"vocab_size": vocab_size, "max_sentences": max_sentences, "text_column": text_column},
         "inputs": input_signature(files),
     }
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory; choose another --output")
     if out.exists() and not is_empty_dir(out):
         marker = out / MARKER
         if marker.is_file() and _same_record(marker, record):
@@ -83,10 +86,10 @@ def train_tokenizer(
 
     started = time.time()
     threads = max(1, threads or os.cpu_count() or 1)
-    sentences = collect_sentences(files, max_sentences, text_column)
-    if not sentences:
-        raise UserError("the inputs hold no text after cleaning; check --input (and --text-column for JSON/Parquet)")
     with atomic_dir(out) as tmp:
+        sentences = collect_sentences(files, max_sentences, text_column)
+        if not sentences:
+            raise UserError("the inputs hold no text after cleaning; check --input (and --text-column for JSON/Parquet)")
         _train_sentencepiece(sentences, tmp / "tokenizer", vocab_size, threads)
         (tmp / "tokenizer.vocab").unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 from llmtrain.config import JobConfig
 from llmtrain.data.loader import TokenLoader
+from llmtrain.data.shards import check_fits_model
 from llmtrain.engine import Layout
 from llmtrain.errors import UserError
 from llmtrain.tasks.base import Batches, Plan, Task, TaskData, model_source
@@ -27,6 +28,12 @@ class PretrainTask(Task):
     def prepare(self, cfg: JobConfig, layout: Layout) -> Plan:
         train = self._loader(cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size)
         model_config, _ = model_source(cfg, train.vocab_size, train.seq_len)
+        # Before any worker starts: the model's vocabulary (and model.from's tokenizer) against every source.
+        base = Path(cfg.model.from_) if cfg.model.from_ else None
+        model = f"model.from={base}" if base is not None else f"model.preset={cfg.model.preset}"
+        fix = f"prepare the data with --tokenizer {base}" if base is not None else "re-run `llmtrain prepare ... --force`"
+        for data in train.data:
+            check_fits_model(data, model_config.vocab_size, model, base, fix)
         return Plan(model_config)
 
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
