@@ -145,12 +145,25 @@ def find_latest(run_dir: str | os.PathLike) -> Optional[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
-    for path in sorted(root.glob("step_*"), reverse=True):
+    candidates = sorted(root.glob("step_*"), reverse=True)
+    for i, path in enumerate(candidates):
         reason = incomplete_reason(path)
         if reason is None:
             return path
-        log.warning("checkpoint %s is incomplete (%s); falling back to the previous one", path, reason)
+        then = "trying the previous one" if i + 1 < len(candidates) else "there is no earlier checkpoint, so none is used"
+        log.warning("checkpoint %s is incomplete (%s); %s", path, reason, then)
     return None
+
+
+def complete_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of RUN_DIR's complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    paths = sorted(root.glob("step_*")) if root.is_dir() else []
+    return [
+        int(p.name.removeprefix("step_"))
+        for p in paths
+        if p.name.removeprefix("step_").isdigit() and incomplete_reason(p) is None
+    ]
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:

@@ -192,7 +192,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     task = None
     if args.task is not None:
-        from llmtrain.config import DataSection  # on use: `llmtrain --help` loads no torch/ray
+        from llmtrain.config import DataSection, cli_text  # on use: `llmtrain --help` loads no torch/ray
 
         words = dict(w.split("=", 1) for w in args.label_word if "=" in w)
         if len(words) != len(args.label_word):
@@ -200,7 +200,7 @@ def _eval(args: argparse.Namespace) -> None:
         task = DataSection(
             path=args.task,
             format="labelled",
-            template=args.template,
+            template=None if args.template is None else cli_text(args.template),
             label_words=words or None,
             text_field=args.text_field,
             label_field=args.label_field,

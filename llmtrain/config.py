@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -146,6 +149,15 @@ class TrainSection(Section):
     """Validation size in global batches (the same rows whatever the number of workers)."""
     max_bad_steps: int = Field(default=5, ge=1)
     """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
+
+    @model_validator(mode="after")
+    def _stop_within_schedule(self) -> TrainSection:
+        if self.stop_at_step is not None and self.stop_at_step > self.max_steps:
+            raise ValueError(
+                f"stop_at_step={self.stop_at_step} is beyond max_steps={self.max_steps}, so it would never stop there; "
+                "set train.stop_at_step <= train.max_steps (or drop it)"
+            )
+        return self
 
 
 class ZeroSection(Section):
@@ -294,17 +306,21 @@ class JobConfig(Section):
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), source_name: str | None = None) -> JobConfig:
-    """Read `path` (YAML mapping; None = all defaults), apply `key.sub=value` overrides, validate."""
+    """Read `path` (YAML mapping; None = all defaults), apply `key.sub=value` overrides, validate.
+    An error in a key an override set names the override, any other the file."""
     where = source_name or (str(path) if path is not None else "<defaults>")
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
+    given: dict[tuple[str, ...], str] = {}
     for item in overrides:
-        _apply_override(raw, item)
+        given[_apply_override(raw, item)] = item
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(f"{where}: {_describe(err, raw)}") from None
+        loc = tuple(str(p) for p in err.errors()[0]["loc"])
+        item = next((given[k] for k in sorted(given, key=len, reverse=True) if loc[: len(k)] == k), None)
+        raise UserError(f"{f'override {item}' if item else where}: {_describe(err, raw)}") from None
 
 
 # Forwarded from the driver to every worker when set (machine-independent settings only).
@@ -344,20 +360,44 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}; fix the syntax") from None
-    if data is None:
-        return {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; pass a YAML config (see configs/)") from None
+    if data is None:  # an empty file (or only comments) is a mistake, not a request for the defaults
+        raise UserError(f"{path}: the config file is empty; start from one of configs/ (e.g. configs/tiny-pretrain.yaml)")
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping of sections (run:, model:, train:, ...)")
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+# Text fields whose values hold prose (prompts): typed on a command line, \n and \t in them are a
+# newline and a tab, as in the YAML file's double-quoted strings.
+PROSE_FIELDS = {("data", "template"), ("data", "system_prompt")}
+
+
+def cli_text(text: str) -> str:
+    """A prompt typed on the command line: `\\n` -> newline, `\\t` -> tab, `\\\\` -> backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set one `key.sub=value` in `raw`; returns the key's path. A text field (str, path, a choice)
+    takes the text after `=` as it is; YAML reads only the others (numbers, booleans, lists,
+    mappings), and `null` or nothing clears an optional field."""
     key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    parts = tuple(key.strip().split("."))
+    if not sep or not key.strip() or any(not part for part in parts):
         raise UserError(f"override '{item}': expected key.sub=value, e.g. train.max_steps=20")
-    value = yaml.safe_load(text) if text.strip() else None
+    kind = _field_kind(parts)
+    if kind in ("text", "optional text"):
+        if kind == "optional text" and text.strip() in ("", "null", "~"):
+            value: Any = None
+        elif len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # quoted on purpose: YAML's quoting rules
+            value = _yaml_value(item, text)
+        else:
+            value = cli_text(text) if parts in PROSE_FIELDS else text
+    else:
+        value = _yaml_value(item, text) if text.strip() else None
     node = raw
-    parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
@@ -366,6 +406,36 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise UserError(f"override '{item}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+    return parts
+
+
+def _yaml_value(item: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(
+            f"override {item}: not a valid value ({getattr(err, 'problem', err)}); quote it or fix the syntax"
+        ) from None
+
+
+def _field_kind(parts: tuple[str, ...]) -> Optional[str]:
+    """'text' / 'optional text' for a field whose values are strings (str, Path, a Literal of
+    strings), 'structured' for any other field, None for a key the schema does not have."""
+    section = _section_model(list(parts[:-1]))
+    if section is None:
+        return None
+    fields = {info.alias or name: info for name, info in section.model_fields.items()}
+    if parts[-1] not in fields:
+        return None
+    annotation = fields[parts[-1]].annotation
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    optional = type(None) in members and len(members) == 2
+    inner = next(a for a in members if a is not type(None)) if optional else annotation
+    if inner in (str, Path) or (
+        getattr(inner, "__origin__", None) is Literal and all(isinstance(v, str) for v in inner.__args__)
+    ):
+        return "optional text" if optional else "text"
+    return "structured"
 
 
 def _describe(err: ValidationError, raw: dict[str, Any]) -> str:

@@ -196,9 +196,16 @@ def task_accuracy(model, model_dir: str | Path, data, limit: int = 1000, seq_len
     choices = make_choices(
         records, order, order, data, tokenizer, template, seq_len or model.config.max_position_embeddings, label_words, where
     )
+    positions = seq_len or model.config.max_position_embeddings
+    if choices is None:
+        raise UserError(
+            f"--task {data.path}: none of its {len(order)} records fits the model's {positions} positions with every label word; "
+            "shorten the records or the template"
+        )
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     acc = choice_accuracy(lambda ids: model(ids), choices, limit, 0, 1, 16, pad, torch.device("cpu"), lambda v: list(v))
-    return {"accuracy": acc, "examples": 0 if choices is None else len(choices.gold), "labels": list(label_words)}
+    examples = len(choices.gold)
+    return {"accuracy": acc, "examples": examples, "skipped_too_long": len(order) - examples, "labels": list(label_words)}
 
 
 def generations(
@@ -265,8 +272,10 @@ def eval_command(
         result["task"] = task_accuracy(model, model_dir, task_cfg, limit)
         if not as_json:
             t = result["task"]
+            skipped = f"; {t['skipped_too_long']} longer than the model's positions skipped" if t["skipped_too_long"] else ""
             print(
-                f"accuracy on {task_cfg.path}: {t['accuracy']:.4f} over {t['examples']} examples (labels {', '.join(t['labels'])})"
+                f"accuracy on {task_cfg.path}: {t['accuracy']:.4f} over {t['examples']} examples "
+                f"(labels {', '.join(t['labels'])}{skipped})"
             )
     if prompts:
         texts = generations(model, model_dir, prompts, chat, max_new_tokens, temperature, seed=seed)

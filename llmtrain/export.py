@@ -47,7 +47,13 @@ def pick_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
     if step is not None:
         chosen = checkpoint.checkpoint_root(path) / checkpoint.step_name(step)
         if not chosen.is_dir():
-            raise UserError(f"{path}: no checkpoint for step {step}; see {checkpoint.checkpoint_root(path)}")
+            steps = checkpoint.complete_steps(path)
+            have = (
+                f"its complete checkpoints are at steps {', '.join(map(str, steps))}"
+                if steps
+                else "it has no complete checkpoint"
+            )
+            raise UserError(f"{path}: no checkpoint for step {step}; {have}; pass one of them to --step")
         reason = checkpoint.incomplete_reason(chosen)
         if reason:
             raise UserError(f"{chosen}: checkpoint is incomplete ({reason}); pick another step")

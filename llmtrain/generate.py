@@ -90,14 +90,14 @@ def _eos_set(eos_id: EosIds) -> set[int]:
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1 (the number of tokens to generate)")
     if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        raise UserError(f"--temperature {temperature:g}: must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be >= 1 (or omitted)")
+        raise UserError(f"--top-k {top_k}: must be >= 1 (or omitted)")
     if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (or omitted)")
+        raise UserError(f"--top-p {top_p:g}: must be in (0, 1] (or omitted)")
 
 
 def _next_token(

@@ -66,3 +66,33 @@ def small_prepared(corpus_slice, small_tokenizer, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     return prepare([str(corpus_slice)], small_tokenizer, seq_len=64, output=out, val_fraction=0.05, shard_tokens=20_000)
+
+
+# The bad-input battery (tests/bad_input.py): a silent TCP peer and the inputs every row starts from.
+
+
+@pytest.fixture(scope="session")
+def silent_server():
+    """host:port of a local TCP server that accepts connections and never answers."""
+    from bad_input import SilentServer
+
+    server = SilentServer()
+    yield server.address
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def battery_env(tmp_path_factory, silent_server):
+    from bad_input import Env
+    from runtime_support import CONFIG, tiny_data
+
+    need_shared()
+    data = tiny_data(tmp_path_factory.getbasetemp())
+    return Env(
+        tmp=tmp_path_factory.mktemp("battery"),
+        data=data,
+        tok=data.parent / "tok",
+        stories=STORIES260K,
+        config=CONFIG,
+        silent=silent_server,
+    )

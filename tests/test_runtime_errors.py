@@ -99,7 +99,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(data, run_with_checkpo
     out = proc.stdout + proc.stderr
     reason = "truncated" if damage == "truncate" else "missing"
     assert f"step_00000002 is incomplete ({'ds/' + optim.name} {reason}" in out
-    assert "falling back to the previous one" in out
+    assert "trying the previous one" in out
     assert f"resumed from {run / 'checkpoints' / 'step_00000001'} at step 1" in out
     assert sorted(losses(run)) == [1, 2, 3]
     assert losses(run)[2] == losses(run_with_checkpoints)[2]  # step 2 recomputed identically

@@ -85,3 +85,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+@contextmanager
+def unchanged_on_error(root: str | os.PathLike, keep_bytes: int = 4 << 20) -> Iterator[None]:
+    """Leave the directory `root` as it was if the block raises: whatever was created under it
+    (or `root` itself, and parents made for it) is removed, and files that existed and were at
+    most `keep_bytes` (configs, pointers, markers) get their old bytes back. For a driver's
+    checks and caches before a job starts: a failed check leaves the run directory untouched."""
+    root = Path(root)
+    created_top = None if root.exists() else _topmost_missing(root)
+    before: dict[Path, bytes | None] = {}
+    if root.is_dir():
+        for p in root.rglob("*"):
+            small = p.is_file() and not p.is_symlink() and p.stat().st_size <= keep_bytes
+            before[p] = p.read_bytes() if small else None
+    try:
+        yield
+    except BaseException:
+        if created_top is not None:
+            shutil.rmtree(created_top, ignore_errors=True)
+        elif root.is_dir():
+            for p in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+                if p in before:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            for p, data in before.items():
+                if data is not None and (not p.is_file() or p.read_bytes() != data):
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_file(p) as tmp:
+                        tmp.write_bytes(data)
+        raise
+
+
+def _topmost_missing(path: Path) -> Path:
+    """The outermost of `path` and its parents that does not exist yet."""
+    top = path
+    for parent in path.parents:
+        if parent.exists():
+            break
+        top = parent
+    return top

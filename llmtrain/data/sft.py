@@ -83,7 +83,7 @@ def read_records(files: list[Path], key: str = "data.path"):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(datasets.logging.CRITICAL)  # a malformed file is our one-line error, not its log
     builder = SUFFIXES[files[0].suffix]
     with tempfile.TemporaryDirectory(prefix="llmtrain-sft-") as tmp:
         try:
@@ -91,6 +91,9 @@ def read_records(files: list[Path], key: str = "data.path"):
                 builder, data_files=[str(f) for f in files], split="train", cache_dir=tmp, keep_in_memory=True
             )
         except Exception as err:  # pyarrow / datasets errors on malformed files
+            bad = _first_bad_json_line(files)
+            if bad is not None:
+                raise UserError(f"{key}: {bad}; fix that line (one JSON object per line)") from None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
                 f"{key}: cannot read {', '.join(map(str, files))} as records ({first}); "
@@ -99,6 +102,25 @@ def read_records(files: list[Path], key: str = "data.path"):
     if len(ds) == 0:
         raise UserError(f"{key}: {', '.join(map(str, files))} holds no records")
     return ds
+
+
+def _first_bad_json_line(files: list[Path]) -> Optional[str]:
+    """'FILE line N (1-based): what is wrong' for the first line of a JSON Lines file that is not a
+    JSON object (datasets only says 'row N', counted from 0); None if every line parses."""
+    for f in files:
+        if f.suffix not in (".jsonl", ".ndjson"):
+            continue
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{f} line {number}: not valid JSON ({err.msg} at character {err.pos + 1})"
+                if not isinstance(value, dict):
+                    return f"{f} line {number}: a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def detect_format(record: dict, data) -> str:
@@ -152,6 +174,18 @@ def checked_messages(items: list, where: str, label: str = "message") -> list[di
     return out
 
 
+def record_label(record: dict, data, where: str, label_words: Optional[dict[str, str]]) -> str:
+    """A labelled record's label, which must be one of `label_words` (when given): SFT and
+    `eval --task` refuse the same records."""
+    label = str(record_field(record, data.label_field, where, "data.label_field"))
+    if label_words is not None and label not in label_words:
+        raise UserError(
+            f"{where} has label {label!r}, not one of the label words ({', '.join(label_words)}); "
+            "add it to data.label_words (eval: --label-word LABEL=WORD) or fix the record"
+        )
+    return label
+
+
 def conversation(
     record: dict, fmt: str, data, where: str, label_words: Optional[dict[str, str]] = None, answer: Optional[str] = None
 ) -> list[dict]:
@@ -170,12 +204,7 @@ def conversation(
     else:  # labelled
         prompt = record_prompt(record, data, data.text_field, "data.text_field", where)
         if answer is None:
-            label = str(record_field(record, data.label_field, where, "data.label_field"))
-            if label_words is not None and label not in label_words:
-                raise UserError(
-                    f"{where} has label {label!r}, not one of data.label_words ({', '.join(label_words)}); "
-                    "add it to data.label_words or fix the record"
-                )
+            label = record_label(record, data, where, label_words)
             answer = label_words[label] if label_words is not None else label
         response = answer
     system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
@@ -385,22 +414,21 @@ def _write_split(tmp: Path, name: str, split: dict, seq_len: int, packing: bool)
 
 def make_choices(records, order, kept, data, tokenizer, template, seq_len, label_words, where) -> Optional[Choices]:
     """Labelled validation: each kept example rendered once per label word, gold = its label's
-    index (examples whose rendering does not fit seq_len, or whose label is unknown, are left out)."""
+    index (examples whose rendering does not fit seq_len are left out; an unknown label is refused)."""
     labels = list(label_words)
     keep = set(int(i) for i in kept)
     convs, gold, owners = [], [], []
     for i in (int(i) for i in order):
         if i not in keep:
             continue
-        label = str(record_field(records[i], data.label_field, where(i), "data.label_field"))
-        gold.append(labels.index(label) if label in labels else -1)
+        gold.append(labels.index(record_label(records[i], data, where(i), label_words)))
         convs += [conversation(records[i], "labelled", data, where(i), label_words, answer=label_words[w]) for w in labels]
         owners += [i] * len(labels)
     encoded = encode_records(template, tokenizer, convs, owners, where) if convs else []
     flat_ids, flat_mask, lengths, gold_kept = [], [], [], []
     for k in range(len(gold)):
         group = encoded[k * len(labels) : (k + 1) * len(labels)]
-        if gold[k] < 0 or any(len(ids) > seq_len for ids, _ in group):
+        if any(len(ids) > seq_len for ids, _ in group):
             continue
         gold_kept.append(gold[k])
         for ids, mask in group:

@@ -114,22 +114,87 @@ def iter_model_tensors(model_dir: Union[str, os.PathLike], config: ModelConfig) 
     a fixed order: each name once with its expected shape (`lm_head.weight` skipped when tied,
     recomputed RoPE buffers skipped). Anything unexpected, misshapen or missing is a UserError.
     Use it to fill a model built elsewhere (e.g. partitioned under ZeRO-3)."""
-    with torch.device("meta"):
-        expected = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+    expected = _expected_shapes(config)
     seen: set[str] = set()
     for name, tensor in iter_hf_tensors(model_dir):
-        if name in expected:
-            if tuple(tensor.shape) != expected[name]:
-                raise UserError(
-                    f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
-                    f"{expected[name]}; the weights do not belong to this config"
-                )
+        if _matches(model_dir, config, expected, name, tuple(tensor.shape)):
             seen.add(name)
             yield name, tensor
-        elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith(_IGNORED_SUFFIXES):
+    _all_present(model_dir, expected, seen)
+
+
+def check_model_files(model_dir: Union[str, os.PathLike], config: ModelConfig) -> None:
+    """What `iter_model_tensors` would find, from the safetensors headers alone (no tensor data
+    read): every file complete (its size covers every tensor the header lists), names and shapes
+    those of `Decoder(config)`. The driver runs it before any worker starts, so a truncated or
+    mismatched download fails in a second with one line, not inside the workers."""
+    expected = _expected_shapes(config)
+    seen: set[str] = set()
+    for file, keys in _weight_files(Path(model_dir)):
+        header = _safetensors_header(file)
+        absent = sorted(k for k in keys if k not in header) if keys is not None else []
+        if absent:
             raise UserError(
-                f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's {config.family} model lacks"
+                f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
             )
+        for name, shape in header.items():
+            if (keys is None or name in keys) and _matches(model_dir, config, expected, name, shape):
+                seen.add(name)
+    _all_present(model_dir, expected, seen)
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header (8-byte length, then JSON), after
+    checking the file is as long as the header says."""
+    size = file.stat().st_size
+    damaged = f"{file}: not a complete safetensors file"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise UserError(f"{damaged} ({size:,} bytes, header unreadable); re-download or re-export the checkpoint")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{damaged} (its header is not valid JSON); re-download or re-export the checkpoint") from None
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+        shapes = {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()}
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{damaged} (malformed header); re-download or re-export the checkpoint") from None
+    if 8 + n + end > size:
+        raise UserError(
+            f"{damaged}: {size:,} bytes where its header needs {8 + n + end:,} (truncated download or copy); "
+            "re-download or re-export the checkpoint"
+        )
+    return shapes
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+
+
+def _matches(model_dir, config: ModelConfig, expected: dict, name: str, shape: tuple[int, ...]) -> bool:
+    """True for one of the model's parameters (of the right shape), False for a tensor we skip;
+    anything else is a UserError."""
+    if name in expected:
+        if shape != expected[name]:
+            hint = ""
+            if name == "model.embed_tokens.weight" and shape[:1] != expected[name][:1]:
+                hint = f" (config.json says vocab_size={config.vocab_size}, the embedding has {shape[0]} rows)"
+            raise UserError(
+                f"{model_dir}: tensor {name} has shape {shape} but config.json implies {expected[name]}{hint}; "
+                "the weights do not belong to this config"
+            )
+        return True
+    if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(_IGNORED_SUFFIXES):
+        return False
+    raise UserError(f"{model_dir}: unexpected tensor {name}; this checkpoint has parts llmtrain's {config.family} model lacks")
+
+
+def _all_present(model_dir, expected: dict, seen: set[str]) -> None:
     missing = sorted(set(expected) - seen)
     if missing:
         raise UserError(

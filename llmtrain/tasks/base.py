@@ -4,6 +4,7 @@ A task says what differs between pretraining, SFT and preference tuning; the loo
 methods by name and never imports a task:
 
     plan = task.prepare(cfg, layout)            # the driver, once, before any worker starts
+    task.check_resume(cfg, layout, path, meta)  # the driver, when continuing from a checkpoint
     data = task.build(cfg, layout, ctx)         # each worker: model shape, base weights, batches
     task.select_trainable(model)                # LoRA / freezing, before the optimizer exists
     task.setup(engine, ctx, frozen_copy)        # every (re)start: e.g. a frozen reference model
@@ -32,7 +33,7 @@ from llmtrain.data.atomic import atomic_dir
 from llmtrain.engine import Layout
 from llmtrain.errors import UserError
 from llmtrain.evaluate import count_labels, lm_loss
-from llmtrain.model.hf import iter_model_tensors, load_hf_config
+from llmtrain.model.hf import check_model_files, iter_model_tensors, load_hf_config
 from llmtrain.model.model_config import ModelConfig
 from llmtrain.worker import WorkerContext
 
@@ -83,6 +84,19 @@ class Task(ABC):
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
         """Worker side: the model shape, base weights and training batches."""
 
+    def check_resume(self, cfg: JobConfig, layout: Layout, path: Path, meta: dict) -> None:
+        """Driver side, after `prepare`, when the run continues from checkpoint `path` (its `meta`):
+        refuse one this run cannot continue, e.g. a data position from other data. Default: the
+        training batches (rank 0's view) take the checkpoint's position."""
+        try:
+            self.driver_batches(cfg, layout).load_state_dict(meta["loader"])
+        except UserError as err:
+            raise UserError(f"{cfg.run.dir} holds checkpoint {path.name} of another run: {err}") from None
+
+    def driver_batches(self, cfg: JobConfig, layout: Layout) -> Batches:
+        """The training batches as rank 0 would draw them, built on the driver after `prepare`."""
+        raise NotImplementedError
+
     def validation(self) -> Optional[Batches]:
         return None
 
@@ -131,6 +145,8 @@ def model_source(
                 f"the tokenizer has {vocab_size} tokens but model {base} only {model_config.vocab_size}; "
                 "use the tokenizer that came with the model"
             )
+
+        check_model_files(base, model_config)  # headers and sizes: a truncated download fails here, in a second
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             return iter_model_tensors(base, model_config)

@@ -36,6 +36,9 @@ class PretrainTask(Task):
             check_fits_model(data, model_config.vocab_size, model, base, fix)
         return Plan(model_config)
 
+    def driver_batches(self, cfg: JobConfig, layout: Layout) -> Batches:
+        return self._loader(cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size)
+
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
         self._val = None
         train = self._loader(cfg, "train", True, layout.grad_accum, ctx.rank, ctx.world_size, layout.micro_batch_size)

@@ -147,6 +147,14 @@ class SFTTask(Task):
         self._val_split = self.open_split("val")
         return TaskData(self.model_config, train, self.info["seq_len"], self.cache / "tokenizer", self._weights)
 
+    def driver_batches(self, cfg: JobConfig, layout: Layout):
+        info = json.loads((Path(cfg.run.dir) / POINTER).read_text())
+        meta = self.read_cache_meta(Path(info["cache"]))
+        split = self.split_class.open(Path(info["cache"]), "train")
+        return self.batches_class(
+            split, info["seq_len"], meta["pad_id"], layout.micro_batch_size, layout.grad_accum, 0, layout.world_size, cfg.run.seed
+        )
+
     def open_split(self, name: str):
         return self.split_class.open(self.cache, name)
 
