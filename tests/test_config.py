@@ -117,3 +117,54 @@ def test_help_lists_commands_and_each_has_help():
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([name, "--help"])
         assert exit_info.value.code == 0
+
+
+def test_text_overrides_are_taken_as_they_are():
+    """A prompt with ': ', '{...}' or '#' is text, not YAML; \\n in a prompt is a newline."""
+    cfg = load_config(
+        None,
+        [
+            "data.template=Review: {text}\\nSentiment:",
+            "data.system_prompt=Note: be nice # really",
+            "model.from=[not, a, list]",
+            "train.resume=auto",
+            "data.chat_template=plain",
+        ],
+    )
+    assert cfg.data.template == "Review: {text}\nSentiment:"
+    assert cfg.data.system_prompt == "Note: be nice # really"
+    assert cfg.model.from_ == "[not, a, list]"
+    # quoted on purpose: YAML's rules; null or nothing clears an optional text field
+    assert load_config(None, ["data.template='{text} It was'"]).data.template == "{text} It was"
+    assert load_config(None, ['data.template="a\\tb"']).data.template == "a\tb"
+    assert load_config(None, ["model.from=x", "model.from=null"]).model.from_ is None
+    # structured fields still read YAML
+    cfg = load_config(None, ["lora.target_modules=[q_proj, v_proj]", "data.label_words={pos: ' good'}", "cluster.use_gpu=false"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.label_words == {"pos": " good"}
+    assert cfg.cluster.use_gpu is False
+
+
+def test_errors_name_the_override_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n")
+    with pytest.raises(UserError) as err:
+        load_config(path, ["train.lr=fast"])
+    assert str(err.value).startswith("override train.lr=fast: train.lr:") and str(path) not in str(err.value)
+    with pytest.raises(UserError, match=r"^override data.label_words=\{a:: not a valid value"):
+        load_config(path, ["data.label_words={a:"])
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError, match=f"^{path}: train.lr:"):
+        load_config(path, ["train.max_steps=3"])
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# nothing here\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(UserError, match="the config file is empty"):
+            load_config(tmp_path / "c.yaml")
+
+
+def test_stop_at_step_must_be_within_max_steps():
+    with pytest.raises(UserError, match="stop_at_step=30 is beyond max_steps=20"):
+        load_config(None, ["train.max_steps=20", "train.stop_at_step=30"])
+    assert load_config(None, ["train.max_steps=20", "train.stop_at_step=20"]).train.stop_at_step == 20

@@ -57,7 +57,7 @@ def test_sampling_options(stories):
     assert a == generate(model, ids, 30, temperature=1.0, seed=11)
     draws = {tuple(generate(model, ids, 30, temperature=1.5, seed=s)) for s in range(4)}
     assert len(draws) > 1 and all(len(d) == len(ids) + 30 for d in draws)
-    with pytest.raises(UserError, match="top_p"):
+    with pytest.raises(UserError, match="--top-p"):
         generate(model, ids, 5, temperature=1.0, top_p=1.5)
 
 

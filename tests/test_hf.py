@@ -14,7 +14,15 @@ from transformers.utils import logging as hf_logging
 
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
-from llmtrain.model.hf import INDEX_FILE, iter_hf_tensors, iter_model_tensors, load_hf_config, load_hf_model, save_hf_checkpoint
+from llmtrain.model.hf import (
+    INDEX_FILE,
+    check_model_files,
+    iter_hf_tensors,
+    iter_model_tensors,
+    load_hf_config,
+    load_hf_model,
+    save_hf_checkpoint,
+)
 from llmtrain.model.model_config import ARCHITECTURES, ModelConfig
 
 hf_logging.set_verbosity_error()
@@ -276,6 +284,43 @@ def test_weight_file_errors(tmp_path):
     (bad / "config.json").write_text(json.dumps(wrong.to_hf_config()))
     with pytest.raises(UserError, match="has shape .* config.json implies"):
         load_hf_model(bad)
+
+
+def test_check_model_files_reads_headers_only(tmp_path):
+    """The driver's check: complete files, the config's names and shapes, from the headers alone."""
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    good = tmp_path / "good"
+    save_hf_checkpoint(Decoder(cfg).state_dict(), cfg, good, max_shard_bytes=8000)
+    check_model_files(good, cfg)
+    shard = good / sorted(set(json.loads((good / INDEX_FILE).read_text())["weight_map"].values()))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])  # one byte short
+    with pytest.raises(
+        UserError,
+        match=f"{shard.name}: not a complete safetensors file: {len(data) - 1:,} bytes where its header needs {len(data):,}",
+    ):
+        check_model_files(good, cfg)
+    shard.write_bytes(data[:5])
+    with pytest.raises(UserError, match="header unreadable"):
+        check_model_files(good, cfg)
+    shard.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(UserError, match="header is not valid JSON"):
+        check_model_files(good, cfg)
+    shard.write_bytes(data)
+    smaller = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": 32})
+    with pytest.raises(UserError, match="config.json says vocab_size=32, the embedding has 64 rows"):
+        check_model_files(good, smaller)
+    deeper = ModelConfig.from_dict({**cfg.to_dict(), "num_hidden_layers": 3})
+    with pytest.raises(UserError, match="checkpoint lacks model.layers.2"):
+        check_model_files(good, deeper)
 
 
 def test_save_is_atomic_and_validates_names(tmp_path):
