@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -68,7 +69,9 @@ def launch(cfg: JobConfig, task_name: str, started: Optional[float] = None) -> d
 
 def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock):
     from ray.train import FailureConfig, RunConfig, ScalingConfig  # ~1 s: only once the driver checks passed
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from llmtrain.process_group import StoreBoundTorchConfig
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
@@ -90,7 +93,8 @@ def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock)
             name=run_dir.name,
             failure_config=FailureConfig(**failure_settings(cfg)),  # bounded wait for resources
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # The process group's store listens on the node address only (llmtrain/process_group.py).
+        torch_config=StoreBoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
 
 
@@ -115,13 +119,24 @@ def start_ray(cfg: JobConfig) -> None:
     env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     if address is None:  # one machine: gloo on loopback (interface names differ between machines)
         env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
-    runtime_env = {"env_vars": env}
+    runtime_env: dict[str, Any] = {"env_vars": env}
     if address is None:
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+        # Our job's processes ask our instance only, whatever else runs on this machine
+        # (reachable.use_own_cluster says what would go wrong otherwise).
+        runtime_env["worker_process_setup_hook"] = "llmtrain.reachable.use_own_cluster"
         ray.init(
+            # "local": always a new instance, never one that `ray start` on this machine or
+            # RAY_ADDRESS names (ray.init(address=None) would join those).
+            address="local",
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
             num_gpus=0 if cfg.cluster.use_gpu is False else None,
             include_dashboard=False,
+            # No dashboard runs, but Ray still records its address (default 127.0.0.1:8265) and
+            # Ray Train's placement-group cleaner asks the State API there about our controller:
+            # another instance's dashboard on 8265 would answer "no such actor" and the cleaner
+            # would remove our placement group. A port of our own where nothing listens.
+            dashboard_port=_unused_port(),
             runtime_env=runtime_env,
             log_to_driver=True,
             logging_level=logging.WARNING,
@@ -155,19 +170,42 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail within seconds, not hang, when the cluster address does not answer."""
+def check_reachable(address: str, timeout_s: float = reachable.CONNECT_TIMEOUT_S) -> None:
+    """Fail within seconds, not hang, when the cluster address is wrong, refused or silent: a
+    TCP connection within `timeout_s`, then an answer to an HTTP/2 preface within
+    reachable.READ_TIMEOUT_S, as every gRPC server gives (the Ray Client server behind
+    ray://HEAD:10001, the GCS behind HOST:6379)."""
     if address == "auto":
         return
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
-    port = parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+    label = f"cluster.address={address}"
+    forms = "use ray://HEAD:10001 (Ray Client), HOST:6379 (the GCS, from a cluster node) or auto"
+    scheme = address.split("://", 1)[0] if "://" in address else None
+    if scheme not in (None, "ray"):
+        raise UserError(
+            f"{label}: {scheme}:// is not a Ray cluster address; {forms} (http://HEAD:8265 is the Jobs API of `llmtrain submit --address`)"
+        )
+    parsed = urlparse(address if scheme else f"ray://{address}")
+    try:
+        port = parsed.port or (10001 if scheme == "ray" else 6379)
+    except ValueError:
+        raise UserError(f"{label}: invalid port; {forms}") from None
+    if not parsed.hostname:
+        raise UserError(f"{label}: no host name; {forms}")
     reachable.check_reachable(
-        f"cluster.address={address}",
+        label,
         parsed.hostname,
         port,
-        "check the address (Ray Client listens on port 10001) and that the cluster is running",
+        f"check the address ({'Ray Client listens on port 10001' if scheme else 'the GCS listens on port 6379'}) "
+        "and that the cluster is running",
         timeout_s,
+        hello=reachable.GRPC_HELLO,
     )
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _gpus_available(cfg: JobConfig) -> bool:

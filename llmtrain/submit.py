@@ -13,10 +13,13 @@ What travels with a job (a Ray runtime environment):
 The entrypoint `python -m llmtrain.cli TASK config.yaml` runs on the head node.
 
 Before anything is uploaded, two checks that fail in seconds instead of a job pending forever:
-the address must answer a TCP connection, and the cluster's alive nodes must be able to hold
-`cluster.num_workers` workers of `cluster.cpus_per_worker` CPUs (and `gpus_per_worker` GPUs).
-Paths in the config (run.dir, data) must name storage the cluster's nodes see; relative paths
-are made absolute against the submitting directory, as for a local run.
+the address must answer (a TCP connection within 3 s, then an HTTP answer within 5 s, so a
+port that accepts and never answers fails too: llmtrain/reachable.py), and the cluster's alive
+nodes must be able to hold `cluster.num_workers` workers of `cluster.cpus_per_worker` CPUs (and
+`gpus_per_worker` GPUs). Every later request to the Jobs API has a connect and a read timeout
+(`CLIENT_TIMEOUT_S`; Ray's client sets none). Paths in the config (run.dir, data) must name
+storage the cluster's nodes see; relative paths are made absolute against the submitting
+directory, as for a local run.
 
 Ray's Jobs API has no authentication of its own unless the cluster runs with token auth
 (RAY_AUTH_MODE=token); the client then needs the same mode and the token (RAY_AUTH_TOKEN_PATH).
@@ -47,12 +50,16 @@ from llmtrain.errors import UserError
 from llmtrain.tasks import TASKS
 
 DEFAULT_PORT = 8265
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = reachable.CONNECT_TIMEOUT_S
+# (connect, read) for every Jobs API request once the address answered: a read waits for the
+# server's reply to one request (a job listing, an upload of this checkout's packages).
+CLIENT_TIMEOUT_S = (CONNECT_TIMEOUT_S, 30.0)
 JOB_CONFIG = "config.yaml"
 # The packages shipped with every job (runtime_env py_modules).
 PACKAGES = ("llmtrain", "kernels")
 EXCLUDES = ["__pycache__/", "*.pyc", "*.so", ".pytest_cache/"]
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +92,8 @@ def normalize_address(address: Optional[str]) -> str:
 
 
 def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """A TCP connection to the Jobs API within `timeout_s`, before any Ray client call."""
+    """Before any Ray client call: a TCP connection to the Jobs API within `timeout_s`, and an
+    HTTP answer to GET /api/version within reachable.READ_TIMEOUT_S."""
     parsed = urlparse(url)
     reachable.check_reachable(
         f"--address {url}",
@@ -93,6 +101,8 @@ def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         parsed.port,
         "check the address (the dashboard port, 8265 by default) and that the cluster is up",
         timeout_s,
+        hello=reachable.http_hello(parsed.hostname),
+        tls=parsed.scheme == "https",
     )
 
 
@@ -106,8 +116,15 @@ def connect(address: Optional[str]):
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+    class BoundedClient(JobSubmissionClient):
+        """Ray's client, with a connect and a read timeout on every request it makes."""
+
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", CLIENT_TIMEOUT_S)
+            return super()._do_request(method, endpoint, **kwargs)
+
     with ray_errors(url):
-        return JobSubmissionClient(url)
+        return BoundedClient(url)
 
 
 class ray_errors:
@@ -122,9 +139,15 @@ class ray_errors:
     def __exit__(self, kind, err, tb):
         if err is None or isinstance(err, (UserError, KeyboardInterrupt)):
             return False
+        import requests
         from ray.exceptions import AuthenticationError
 
         text = " ".join(str(err).split())
+        if isinstance(err, requests.exceptions.Timeout):
+            raise UserError(
+                f"{self.url} stopped answering (no reply within {CLIENT_TIMEOUT_S[1]:g} s); "
+                "check that the cluster's head node and its dashboard are healthy, then retry"
+            ) from None
         if isinstance(err, AuthenticationError) or re.search(r"status code 40[13]\b", text):
             raise UserError(
                 f"{self.url} refused the request ({_first_sentence(text)}); the cluster uses token authentication: "
@@ -350,6 +373,11 @@ def jobs(action: str, job_id: Optional[str], address: Optional[str], follow: boo
     """`llmtrain jobs list|status|logs|stop`."""
     if action != "list" and not job_id:
         raise UserError(f"llmtrain jobs {action} needs a JOB_ID (see `llmtrain jobs list`)")
+    if job_id is not None and not JOB_ID.fullmatch(job_id):  # it becomes part of a URL path
+        raise UserError(
+            f"{job_id!r} is not a job id (letters, digits and _ - . : only, e.g. llmtrain-pretrain-tiny-20260101-120000-1a2b "
+            "or raysubmit_...); see `llmtrain jobs list`"
+        )
     url = normalize_address(address)
     client = connect(url)
     with ray_errors(url, job_id):

@@ -113,7 +113,10 @@ def test_cli_unreachable_is_one_line_and_exit_2():
 def test_cli_config_mistakes_come_before_any_network_call():
     out = cli("submit", str(CONFIG), "train.max_stpes=3", "--address", f"http://127.0.0.1:{closed_port()}")
     assert out.returncode == 2
-    assert out.stderr.strip() == f"llmtrain: error: {CONFIG}: train.max_stpes: unknown key (did you mean 'max_steps'?)"
+    assert (
+        out.stderr.strip()
+        == "llmtrain: error: override train.max_stpes=3: train.max_stpes: unknown key (did you mean 'max_steps'?)"
+    )
 
 
 def test_cli_jobs_needs_a_job_id():
@@ -216,3 +219,61 @@ def test_job_entrypoint_carries_the_forwarded_settings(monkeypatch):
         == "LLMTRAIN_KERNELS=torch LLMTRAIN_TEST_SAVE_PAUSE='8:3,10:60 x' python -m llmtrain.cli sft config.yaml"
     )
     assert "env_vars" not in __import__("llmtrain.submit", fromlist=["x"]).job_runtime_env("/tmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers that accept a connection: the answer is bounded too (llmtrain/reachable.py)
+
+
+def test_silent_peer_fails_after_the_read_timeout():
+    """A port that accepts and never answers (the hang of issue 13): the HTTP probe gives up."""
+    from bad_input import SilentServer
+
+    server = SilentServer()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(
+            UserError,
+            match=rf"--address http://{server.address}: {server.address} accepts connections but sends no answer within 5 s",
+        ):
+            check_reachable(f"http://{server.address}")
+        assert 4.5 < time.monotonic() - t0 < 7
+    finally:
+        server.close()
+
+
+def test_a_real_http_server_passes_the_probe():
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501: an answer
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_grpc_server_answers_the_cluster_probe():
+    """What cluster.address points at (the Ray Client server, the GCS) is a gRPC server: it
+    answers the HTTP/2 preface at once. The silent server does not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from bad_input import SilentServer
+
+    from llmtrain.launch import check_reachable as check_cluster
+
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    silent = SilentServer()
+    try:
+        check_cluster(f"ray://127.0.0.1:{port}")
+        check_cluster(f"127.0.0.1:{port}")
+        with pytest.raises(UserError, match=r"cluster.address=ray://.*accepts connections but sends no answer within 5 s"):
+            check_cluster(f"ray://{silent.address}")
+    finally:
+        server.stop(0)
+        silent.close()
