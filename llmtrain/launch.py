@@ -2,9 +2,10 @@
 
     llmtrain pretrain configs/tiny-pretrain.yaml run.dir=runs/tiny train.max_steps=50
 
-The driver resolves the config (paths made absolute, written to RUN_DIR/config.yaml), checks
-what it can before spending any start-up time (data, batch layout, model/data fit, resume
-compatibility), starts or joins Ray, and runs a Ray Train `TorchTrainer` whose workers each run
+The driver resolves the config (paths made absolute), checks what it can before spending any
+start-up time (data, batch layout, model/data fit, the base's files, resume compatibility with
+the model and the data position), starts or joins Ray, writes RUN_DIR/config.yaml (a failed
+check or start leaves RUN_DIR as it was), and runs a Ray Train `TorchTrainer` whose workers each run
 llmtrain.train.train_worker. A progress bar follows RUN_DIR/metrics.jsonl.
 
 The embedded runtime binds to 127.0.0.1 and starts no dashboard. `cluster.address` joins an
@@ -26,14 +27,14 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
-from llmtrain import checkpoint, reachable
+from llmtrain import reachable
 from llmtrain.cluster_failures import explain, failure_settings, forget_previous_run
 from llmtrain.config import FORWARDED_ENV, JobConfig, absolutize_paths, write_resolved_config
-from llmtrain.engine import batch_layout
+from llmtrain.data.atomic import unchanged_on_error
 from llmtrain.errors import UserError
 from llmtrain.metrics import StartupClock
 from llmtrain.tasks import get_task
-from llmtrain.train import train_worker
+from llmtrain.train import driver_step, train_worker
 
 log = logging.getLogger("llmtrain")
 
@@ -45,16 +46,18 @@ def launch(cfg: JobConfig, task_name: str, started: Optional[float] = None) -> d
     cfg = absolutize_paths(cfg)
     task = get_task(task_name)
     world = cfg.cluster.num_workers
-    plan = task.prepare(cfg, batch_layout(cfg, world))  # the task's driver step: inputs checked, caches built
     run_dir = Path(cfg.run.dir)
-    checkpoint.resume_point(cfg.train.resume, run_dir, plan.model_config.to_dict(), world, cfg.zero.stage)
-    clock.mark("driver")
-    start_ray(cfg)
-    clock.mark("ray_init")
-    if cfg.cluster.use_gpu is None:
-        cfg.cluster.use_gpu = _gpus_available(cfg)
-    write_resolved_config(cfg, run_dir)
-    forget_previous_run(run_dir)  # a resubmitted job resumes by train.resume, not by Ray's stale snapshot
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir={run_dir} is a file, not a directory; choose another run.dir")
+    with unchanged_on_error(run_dir):  # every check passes before RUN_DIR keeps anything
+        driver_step(cfg, task, world)  # inputs checked, caches built, a checkpoint to continue from checked
+        clock.mark("driver")
+        start_ray(cfg)
+        clock.mark("ray_init")
+        if cfg.cluster.use_gpu is None:
+            cfg.cluster.use_gpu = _gpus_available(cfg)
+        write_resolved_config(cfg, run_dir)
+        forget_previous_run(run_dir)  # a resubmitted job resumes by train.resume, not by Ray's stale snapshot
     trainer = _trainer(cfg, task_name, cfg.cluster.use_gpu, clock)
     with ProgressBar(run_dir, cfg.train.max_steps):
         try:

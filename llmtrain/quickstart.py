@@ -13,6 +13,7 @@ resumes or finishes at once).
 
 from __future__ import annotations
 
+import glob
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,8 @@ from typing import Optional
 from llmtrain.config import load_config
 from llmtrain.data.prepare import prepare
 from llmtrain.data.sample_corpus import write_sample_corpus
-from llmtrain.data.tokenizer_train import train_tokenizer
+from llmtrain.data.tokenizer_train import MIN_VOCAB, train_tokenizer
+from llmtrain.errors import UserError
 from llmtrain.export import export
 from llmtrain.generate import complete
 from llmtrain.launch import launch
@@ -43,6 +45,17 @@ def quickstart(
     sft_data: Optional[str] = None,
 ) -> dict:
     out = Path(output).resolve()
+    run_dir, data_dir = out / "pretrain", out / "data"
+    pretrain_overrides = [
+        f"run.dir={run_dir}",
+        f"data.path={data_dir}",
+        f"train.max_steps={steps}",
+        f"cluster.num_workers={workers}",
+        "cluster.use_gpu=false",
+        *overrides,
+    ]
+    _check_flags(corpus, steps, vocab_size, seq_len, workers, sft_steps, sft_data)
+    load_config(REPO_CONFIGS / "tiny-pretrain.yaml", pretrain_overrides)  # a mistaken override costs nothing
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -65,24 +78,11 @@ def quickstart(
     print(f"[quickstart] tokenizer: {tok_dir}")
     stage("tokenizer")
 
-    data_dir = out / "data"
     prepare(inputs, tokenizer=str(tok_dir), seq_len=seq_len, output=str(data_dir), val_fraction=0.02)
     print(f"[quickstart] token shards: {data_dir}")
     stage("prepare")
 
-    run_dir = out / "pretrain"
-    cfg = load_config(
-        REPO_CONFIGS / "tiny-pretrain.yaml",
-        [
-            f"run.dir={run_dir}",
-            f"data.path={data_dir}",
-            f"train.max_steps={steps}",
-            f"cluster.num_workers={workers}",
-            "cluster.use_gpu=false",
-            *overrides,
-        ],
-    )
-    launch(cfg, "pretrain")
+    launch(load_config(REPO_CONFIGS / "tiny-pretrain.yaml", pretrain_overrides), "pretrain")
     summary = print_run_summary(run_dir)
     stage("pretrain")
 
@@ -100,6 +100,20 @@ def quickstart(
     tuned = finetune(out, run_dir, inputs, workers, sft_steps, sft_data, stage) if sft_steps > 0 else None
     print("[quickstart] seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return {"summary": summary, "samples": samples, "timings": timings, "model_dir": str(model_dir), "finetune": tuned}
+
+
+def _check_flags(corpus, steps: int, vocab_size: int, seq_len: int, workers: int, sft_steps: int, sft_data) -> None:
+    """Every flag's bounds, before the first file is written."""
+    for item in corpus or ():
+        if not Path(item).exists() and not glob.glob(str(item)):
+            raise UserError(f"--corpus {item}: no such file or directory; pass text/JSONL/Parquet files, directories or globs")
+    if sft_data is not None and not Path(sft_data).is_file():
+        raise UserError(f"--sft-data {sft_data}: no such file; pass chat or prompt/response records (JSONL/JSON/Parquet)")
+    bounds = [("--steps", steps, 1), ("--workers", workers, 1), ("--sft-steps", sft_steps, 0), ("--seq-len", seq_len, 8)]
+    bounds.append(("--vocab-size", vocab_size, MIN_VOCAB))
+    for flag, value, least in bounds:
+        if value < least:
+            raise UserError(f"{flag} {value}: must be at least {least}")
 
 
 def sample(model_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> dict[str, str]:

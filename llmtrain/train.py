@@ -43,7 +43,7 @@ from llmtrain.errors import UserError, run_main
 from llmtrain.evaluate import count_labels, lm_loss, mean_loss
 from llmtrain.metrics import MetricsWriter, StartupClock, memory_gb, peak_flops, plot_loss
 from llmtrain.tasks import get_task
-from llmtrain.tasks.base import Task
+from llmtrain.tasks.base import Plan, Task
 from llmtrain.worker import WorkerContext, exit_process
 
 log = logging.getLogger("llmtrain")
@@ -260,10 +260,22 @@ def _setup_logging(ctx: WorkerContext) -> None:
     logging.getLogger("llmtrain").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
 
 
+def driver_step(cfg: JobConfig, task: Task, world_size: int) -> Plan:
+    """What runs once before any worker trains: the task's `prepare` (inputs checked, caches
+    built), then, if the run continues from a checkpoint, that checkpoint checked against this
+    run's model, world size, ZeRO stage and data position."""
+    layout = batch_layout(cfg, world_size)
+    plan = task.prepare(cfg, layout)
+    resume = checkpoint.resume_point(cfg.train.resume, Path(cfg.run.dir), plan.model_config.to_dict(), world_size, cfg.zero.stage)
+    if resume is not None:
+        task.check_resume(cfg, layout, *resume)
+    return plan
+
+
 def run_torchrun(cfg: JobConfig, task: Task) -> dict[str, Any]:
-    """Without Ray (torchrun or one process): rank 0 runs the task's driver step, then all train."""
+    """Without Ray (torchrun or one process): rank 0 runs the driver step, then all train."""
     ctx = WorkerContext.start(cfg.cluster.use_gpu)
-    ctx.run_on_main(lambda: task.prepare(cfg, batch_layout(cfg, ctx.world_size)))
+    ctx.run_on_main(lambda: driver_step(cfg, task, ctx.world_size))
     return run(cfg, task)
 
 

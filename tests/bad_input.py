@@ -16,13 +16,16 @@ Argument templates are `str.format`-ed with the `Env` fields: {tmp} (this row's 
 {data} and {tok} (the tiny prepared data and its tokenizer, shared read-only), {stories}
 (stories260K, a released Hugging Face checkpoint), {config} (configs/tiny-pretrain.yaml),
 {silent} (host:port of a local TCP server that accepts and never answers), {repo}.
-Rows run two at a time, each killed at 3x its bound + 30 s (a hang fails, it does not stall the suite) (the machine has 2 cores); each row's time is its own wall time.
+Rows run two at a time, each in a process of its own forked from a warm interpreter
+(tests/cli_zygote.py; `fresh=True` or an `env` runs a new `python -m llmtrain.cli`), each killed at 3x its bound + 30 s (a hang fails, it does not stall the suite) (the machine has 2 cores); each row's time is its own wall time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +69,10 @@ class Case:
     unchanged: Sequence[str] = ()
     """Paths (templates) that must be byte-for-byte as before the command, or still absent."""
     env: dict[str, str] = field(default_factory=dict)
+    """Extra environment: such a row runs in a new interpreter (the warm one imported with ours)."""
     stdin: Optional[str] = None
+    fresh: bool = False
+    """Run in a new interpreter (`python -m llmtrain.cli`) instead of a fork of the warm one."""
 
 
 @dataclass
@@ -102,7 +108,7 @@ def describe_change(before: Optional[dict], after: Optional[dict]) -> str:
     return f"added {added[:5]}, removed {removed[:5]}, modified {modified[:5]}"
 
 
-def run_case(case: Case, env: Env, timeout_s: float) -> Outcome:
+def run_case(case: Case, env: Env, timeout_s: float, zygote: Optional[Zygote] = None) -> Outcome:
     env.tmp.mkdir(parents=True, exist_ok=True)
     if case.setup is not None:
         case.setup(env)
@@ -110,19 +116,77 @@ def run_case(case: Case, env: Env, timeout_s: float) -> Outcome:
     before = [snapshot(p) for p in watched]
     child_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     child_env.setdefault("DS_ACCELERATOR", "cpu")
-    child_env.update(case.env)
-    cmd = [sys.executable, "-m", "llmtrain.cli", *(env.fmt(a) for a in case.argv)]
+    child_env.update({k: env.fmt(v) for k, v in case.env.items()})
+    argv = [env.fmt(a) for a in case.argv]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env, cwd=env.tmp, input=case.stdin
-        )
-        code, out, err = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        code, out, err = None, _text(e.stdout), _text(e.stderr)
+    if case.fresh or case.env or zygote is None:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "llmtrain.cli", *argv],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=child_env,
+                cwd=env.tmp,
+                input=case.stdin,
+            )
+            code, out, err = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            code, out, err = None, _text(e.stdout), _text(e.stderr)
+    else:
+        code, out, err = zygote.run(argv, env.tmp, child_env, case.stdin, timeout_s)
     seconds = time.perf_counter() - t0
     changed = [f"{p}: {describe_change(b, a)}" for p, b in zip(watched, before) if (a := snapshot(p)) != b]
     return Outcome(code, out, err, seconds, changed)
+
+
+class Zygote:
+    """tests/cli_zygote.py: a warm interpreter that forks one process per row (no 3-4 s of imports
+    per row). Each row still runs `llmtrain.cli.main` in a process of its own, with its own
+    working directory, environment, output files and exit code."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")},
+        )
+        assert json.loads(self.proc.stdout.readline()).get("ready"), "the warm CLI did not start"
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def run(self, argv: list[str], cwd: Path, env: dict, stdin: Optional[str], timeout_s: float):
+        with self.lock:
+            self.count += 1
+            base = self.workdir / f"row-{self.count}"
+        files = {k: str(base) + f".{k}" for k in ("out", "err", "rc", "in")}
+        if stdin is not None:
+            Path(files["in"]).write_text(stdin)
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": files["in"] if stdin is not None else None}
+        request.update({k: files[k] for k in ("out", "err", "rc")})
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+        deadline = time.monotonic() + timeout_s
+        rc = Path(files["rc"])
+        while not rc.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = int(rc.read_text()) if rc.is_file() else None
+        if code is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return code, Path(files["out"]).read_text(errors="replace"), Path(files["err"]).read_text(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
 
 
 def _text(data) -> str:
@@ -185,13 +249,15 @@ def battery(cases: Sequence[Case]):
     def run_all(env: Env, selected: list[Case]) -> None:
         if results:
             return
+        zygote = Zygote(env.tmp)
         with ThreadPoolExecutor(PARALLEL) as pool:
-            futures = {c.id: pool.submit(run_case, c, _row_env(env, c), 3 * c.within_s + 30) for c in selected}
+            futures = {c.id: pool.submit(run_case, c, _row_env(env, c), 3 * c.within_s + 30, zygote) for c in selected}
             for key, fut in futures.items():
                 try:
                     results[key] = fut.result()
                 except Exception as err:  # the row's setup failed: that row fails, the others still count
                     results[key] = err
+        zygote.close()
 
     @pytest.mark.parametrize("case", cases, ids=ids)
     def test_case(case: Case, battery_env: Env, request) -> None:

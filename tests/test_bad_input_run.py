@@ -339,7 +339,35 @@ CASES = [
         ),
         unchanged=RUN,
     ),
+    Case(
+        "sft-lora-target-matches-nothing",
+        [*SFT, "lora.target_modules=[nope_proj]"],
+        "'nope_proj' selects nothing to adapt",
+        setup=both(base_copy(), jsonl("pairs.jsonl", PAIRS)),
+        unchanged=RUN,
+    ),
+    Case(
+        "sft-freeze-layers-out-of-range",
+        [*SFT, "finetune.freeze_layers=0-99"],
+        "the model has 5 blocks (0-4)",
+        setup=both(base_copy(), jsonl("pairs.jsonl", PAIRS)),
+        unchanged=RUN,
+    ),
     # -- dpo
+    Case(
+        "dpo-reference-missing",
+        [
+            "dpo",
+            "{repo}/configs/tiny-dpo.yaml",
+            "model.from={stories}",
+            "data.path={tmp}/p.jsonl",
+            "run.dir={tmp}/run",
+            "dpo.reference={tmp}/nope",
+        ],
+        "dpo.reference=",
+        setup=jsonl("p.jsonl", PAIRS),
+        unchanged=RUN,
+    ),
     Case(
         "dpo-given-sft-pairs",
         ["dpo", "{repo}/configs/tiny-dpo.yaml", "model.from={tmp}/base", "data.path={tmp}/pairs.jsonl", "run.dir={tmp}/run"],
@@ -373,7 +401,41 @@ CASES = [
         unchanged=["{tmp}/out"],
         within_s=40,
     ),
+    Case(
+        "export-merge-of-a-released-model",
+        ["export", "{stories}", "--output", "{tmp}/out", "--merge"],
+        "no complete checkpoint found",
+        unchanged=["{tmp}/out"],
+    ),
+    # -- quickstart: every flag and override checked before its first file
+    Case(
+        "quickstart-zero-steps",
+        ["quickstart", "--steps", "0", "--output", "{tmp}/q"],
+        "--steps 0: must be at least 1",
+        unchanged=["{tmp}/q"],
+    ),
+    Case(
+        "quickstart-missing-corpus",
+        ["quickstart", "--corpus", "{tmp}/nope", "--output", "{tmp}/q"],
+        "--corpus",
+        unchanged=["{tmp}/q"],
+    ),
+    Case(
+        "quickstart-tiny-vocab",
+        ["quickstart", "--vocab-size", "10", "--output", "{tmp}/q"],
+        "--vocab-size 10: must be at least 512",
+        unchanged=["{tmp}/q"],
+    ),
+    Case(
+        "quickstart-bad-override",
+        ["quickstart", "--output", "{tmp}/q", "train.lr=fast"],
+        "override train.lr=fast",
+        unchanged=["{tmp}/q"],
+    ),
     # -- eval and generate
+    Case(
+        "eval-adapter-missing", ["eval", "{stories}", "--adapter", "{tmp}/nope", "--prompt", "hi"], "not a PEFT adapter directory"
+    ),
     Case("eval-nothing-to-do", ["eval", "{stories}"], "nothing to evaluate"),
     Case("eval-model-dir-missing", ["eval", "{tmp}/nope", "--prompt", "hi"], "no config.json"),
     Case(
