@@ -341,8 +341,19 @@ def _process_start() -> float:
     return psutil.Process().create_time()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with our error format: one line naming the command and the fix, exit 2 (not the
+    usage block; `--help` still prints it)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("llmtrain").strip()
+        where = f"{command}: " if command else ""
+        print(f"llmtrain: error: {where}{message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llmtrain",
         description="Distributed training of decoder language models on Ray + DeepSpeed.",
     )

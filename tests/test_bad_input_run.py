@@ -109,6 +109,22 @@ SFT = ["sft", "{repo}/configs/tiny-sft.yaml", "model.from={tmp}/base", "data.pat
 RUN = ["{tmp}/run"]
 
 CASES = [
+    # -- the command line itself: one line, not a usage block
+    Case("cli-unknown-command", ["nope"], "invalid choice: 'nope'"),
+    Case("cli-no-command", [], "the following arguments are required: COMMAND"),
+    Case(
+        "cli-missing-flag",
+        ["prepare", "--input", "x", "--tokenizer", "{tok}", "--seq-len", "64"],
+        "prepare: the following arguments are required: --output",
+    ),
+    Case(
+        "cli-not-a-number",
+        ["prepare", "--input", "x", "--tokenizer", "{tok}", "--seq-len", "abc", "--output", "{tmp}/o"],
+        "argument --seq-len: invalid int value: 'abc'",
+        unchanged=["{tmp}/o"],
+    ),
+    Case("cli-unknown-task", ["submit", "{config}", "--task", "distill"], "submit: argument --task: invalid choice: 'distill'"),
+    Case("cli-unknown-flag", ["export", "{tmp}/run", "--output", "{tmp}/o", "--mrege"], "unrecognized arguments: --mrege"),
     # -- config files
     Case("config-empty-file", ["pretrain", "{tmp}/empty.yaml"], "the config file is empty", setup=write("empty.yaml", "")),
     Case(
