@@ -154,6 +154,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merge", action="store_true", help="LoRA runs: write the base with the adapter merged (default: the adapter)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="dtype of the written weights (default: the base's, as its config.json says; fp32 for runs without a base)",
+    )
 
 
 @command(
@@ -162,7 +168,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> None:
     from llmtrain.export import export  # on use: `llmtrain --help` loads no torch/ray
 
-    out = export(args.run_dir, args.output, step=args.step, merge=args.merge)
+    out = export(args.run_dir, args.output, step=args.step, merge=args.merge, dtype=args.dtype)
     print(f"exported {out}")
 
 

@@ -14,12 +14,23 @@ base with the adapter merged in (`export_lora`, through llmtrain/model/lora.py):
 
     llmtrain export runs/lora --output exported/adapter
     llmtrain export runs/lora --output exported/merged --merge
+
+The weights are written in the base's dtype (`export_dtype`: a bf16 base fine-tuned by
+`llmtrain sft model.from=BASE` exports bf16; runs without a base, fp32, the master weights
+the checkpoint holds), or `--dtype bf16|fp16|fp32`. Checkpoints hold fp32 weights: a merge
+happens in fp32 and the cast comes last. A fine-tuned model's config.json and
+generation_config.json keep the base's fields (`save_hf_checkpoint(base_dir=...)`: sliding
+window layout, rope scaling, sampling defaults); the tokenizer files, chat template included,
+come from RUN_DIR/tokenizer. A PEFT adapter stays fp32 (as PEFT saves them) unless --dtype.
+
+    llmtrain export runs/sft-qwen --output exported/sft-qwen-fp32 --dtype fp32
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -30,7 +41,7 @@ from llmtrain.config import LoraSection
 from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
-from llmtrain.model.hf import save_hf_checkpoint
+from llmtrain.model.hf import iter_hf_tensors, save_hf_checkpoint
 from llmtrain.model.lora import PREFIX, copy_config, expected_shapes, lora_config, merged_model, resolve_targets, write_adapter
 from llmtrain.model.model_config import ModelConfig
 from llmtrain.safe_load import weights_only_loads
@@ -82,33 +93,78 @@ def consolidated_tensors(ckpt: Path, zero_stage: int) -> Iterator[tuple[str, tor
         yield name, tensor.contiguous() if not isinstance(tensor, torch.Tensor) else tensor
 
 
-def export(run_dir: str | Path, output: str | Path, step: Optional[int] = None, merge: bool = False) -> Path:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export(
+    run_dir: str | Path, output: str | Path, step: Optional[int] = None, merge: bool = False, dtype: Optional[str] = None
+) -> Path:
     """A LoRA run (sft with a `lora:` section) exports its PEFT adapter, or with `merge` the
-    base with the adapter merged (llmtrain/model/lora.py); any other run its full model."""
+    base with the adapter merged (llmtrain/model/lora.py); any other run its full model.
+    `dtype`: "bf16", "fp16" or "fp32"; None = the base's (`export_dtype`)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: not a dtype llmtrain writes; choose one of {', '.join(DTYPES)}")
     ckpt = pick_checkpoint(run_dir, step)
     meta = checkpoint.read_meta(ckpt)
     config = ModelConfig.from_dict(meta["model_config"])
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not empty; choose a new --output directory")
+    base = base_dir(ckpt, meta)
+    written = DTYPES[dtype] if dtype is not None else None  # None: the base's (a PEFT adapter: as trained, fp32)
     if (meta.get("config") or {}).get("lora"):
-        run = _run_dir_of(ckpt)
-        pointer = run / "sft-data.json"
-        base = json.loads(pointer.read_text())["base"] if pointer.is_file() else meta["config"]["model"].get("from")
-        return export_lora(ckpt, meta, config, output, merge, run / "tokenizer", base)
+        if merge and written is None:
+            written = export_dtype(base)
+        return export_lora(ckpt, meta, config, output, merge, _run_dir_of(ckpt) / "tokenizer", base, written)
     if merge:
         raise UserError(f"{ckpt}: --merge needs a LoRA run, and this checkpoint holds a full model; export it without --merge")
     tensors = consolidated_tensors(ckpt, meta["zero_stage"])
     if config.tie_word_embeddings:
         tensors = ((n, t) for n, t in tensors if n != "lm_head.weight")
-    _write_model(tensors, config, output, _run_dir_of(ckpt) / "tokenizer")
+    written = written if written is not None else export_dtype(base)
+    _write_model(tensors, config, output, _run_dir_of(ckpt) / "tokenizer", written, base)
     return output
 
 
-def _write_model(tensors, config, output: Path, tokenizer_dir: Optional[Path]) -> None:
+def base_dir(ckpt: Path, meta: dict) -> Optional[str]:
+    """The Hugging Face directory a run was fine-tuned from (RUN_DIR/sft-data.json's base: the
+    released directory, or RUN_DIR/base/ when the base is one of our runs), else `model.from`
+    (pretraining continued from a Hugging Face directory); None for a run from scratch."""
+    pointer = _run_dir_of(ckpt) / "sft-data.json"
+    if pointer.is_file():
+        return json.loads(pointer.read_text()).get("base")
+    return ((meta.get("config") or {}).get("model") or {}).get("from")
+
+
+def export_dtype(base: Optional[str]) -> torch.dtype:
+    """The dtype an export writes by default: the base's (its config.json `dtype`/`torch_dtype`,
+    else the dtype its safetensors hold); fp32 without a base, or when the base is gone (said
+    on stderr: pass --dtype)."""
+    if base is None:
+        return torch.float32
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        print(
+            f"llmtrain: warning: the base {base} is gone, so its dtype is unknown; writing fp32 (pass --dtype to choose)",
+            file=sys.stderr,
+        )
+        return torch.float32
+    hf = json.loads((path / "config.json").read_text())
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if named in _HF_DTYPES:
+        return _HF_DTYPES[named]
+    for _, tensor in iter_hf_tensors(path):
+        if tensor.is_floating_point():
+            return tensor.dtype if tensor.dtype in DTYPES.values() else torch.float32
+    return torch.float32
+
+
+def _write_model(tensors, config, output: Path, tokenizer_dir: Optional[Path], dtype: torch.dtype, base: Optional[str]) -> None:
     """A Hugging Face model directory (weights, config, tokenizer files), complete or absent."""
+    base = base if base is not None and (Path(base) / "config.json").is_file() else None
     with atomic_dir(output) as tmp:
-        save_hf_checkpoint(tensors, config, tmp / "model", overwrite=True)
+        save_hf_checkpoint(tensors, config, tmp / "model", dtype=dtype, overwrite=True, base_dir=base)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
@@ -123,10 +179,18 @@ def _run_dir_of(ckpt: Path) -> Path:
 
 
 def export_lora(
-    ckpt: Path, meta: dict, model_config, output: Path, merge: bool, tokenizer_dir: Optional[Path], base: Optional[str]
+    ckpt: Path,
+    meta: dict,
+    model_config,
+    output: Path,
+    merge: bool,
+    tokenizer_dir: Optional[Path],
+    base: Optional[str],
+    dtype: Optional[torch.dtype] = None,
 ) -> Path:
     """A LoRA run's checkpoint -> its PEFT adapter directory, or (`merge`) a merged Hugging Face
-    model directory. Tensors come from the consolidated checkpoint (any ZeRO stage)."""
+    model directory. Tensors come from the consolidated checkpoint (any ZeRO stage), in fp32:
+    the merge happens in fp32, `dtype` (None: fp32) is applied when writing."""
     section = LoraSection.model_validate(meta["config"]["lora"])
     with torch.device("meta"):
         targets = resolve_targets(Decoder(model_config), section, model_config.tie_word_embeddings)
@@ -134,7 +198,7 @@ def export_lora(
     tensors = consolidated_tensors(ckpt, meta["zero_stage"])
     if merge:
         model = merged_model(model_config, tensors, config)
-        _write_model(model.state_dict().items(), model_config, output, tokenizer_dir)
+        _write_model(model.state_dict().items(), model_config, output, tokenizer_dir, dtype or torch.float32, base)
         return Path(output)
     from peft import get_peft_model_state_dict, inject_adapter_in_model  # ~3.7 s: only LoRA exports pay it
 
@@ -144,7 +208,7 @@ def export_lora(
     wanted = {n for n, p in shell.named_parameters() if p.requires_grad}
     state = {n: t for n, t in tensors if n in wanted}
     peft_state = {
-        PREFIX + k: v.contiguous()
+        PREFIX + k: v.to(dtype or v.dtype).contiguous()
         for k, v in get_peft_model_state_dict(shell, state_dict=state, save_embedding_layers=False).items()
     }
     return write_adapter(peft_state, config, output, base, tokenizer_dir, expected=expected_shapes(model_config, config))

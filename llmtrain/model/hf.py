@@ -226,6 +226,7 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
     dtype: Optional[torch.dtype] = None,
     overwrite: bool = False,
+    base_dir: Union[str, os.PathLike, None] = None,
 ) -> Path:
     """Write a Hugging Face directory: config.json, generation_config.json and safetensors
     (model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json).
@@ -233,8 +234,11 @@ def save_hf_checkpoint(
     `tensors`: a state dict or an iterator of (name, tensor) — consumed once, holding at most
     one shard's worth of tensors here. Every parameter of `config`'s model must come exactly
     once with its shape (`lm_head.weight` is dropped when embeddings are tied). Written to a
-    temporary directory and renamed into place when complete. `dtype`: cast tensors (e.g.
-    torch.bfloat16). Tokenizer files are the caller's to copy."""
+    temporary directory and renamed into place when complete. `dtype`: cast floating-point
+    tensors (e.g. torch.bfloat16); config.json's `dtype`/`torch_dtype` name what was written.
+    `base_dir`: the Hugging Face directory the model was fine-tuned from: its config.json and
+    generation_config.json fields travel (`_with_base_fields`). Tokenizer files are the
+    caller's to copy."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} already exists and is not empty; choose another output directory or remove it")
@@ -246,12 +250,59 @@ def save_hf_checkpoint(
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         hf_config = config.to_hf_config(dtype=str(saved_dtype).removeprefix("torch."))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {
             k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None
         }
+        if base_dir is not None:
+            hf_config, generation = _with_base_fields(Path(base_dir), config, hf_config, generation)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out_dir
+
+
+# Fields a base's config.json keeps for itself: they describe the written files, not the model.
+_WRITTEN_FIELDS = ("dtype", "torch_dtype")
+
+
+def _with_base_fields(base_dir: Path, config: ModelConfig, ours: dict, generation: dict) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) for a model fine-tuned from `base_dir`: the base's
+    fields first (sliding-window layout, rope scaling, anything transformers reads that our
+    `ModelConfig` does not model), then ours; where both spell a field and the base's spelling
+    means the same `ModelConfig`, the base's stays (e.g. Qwen2's unused `sliding_window`). The
+    generation settings (sampling defaults) travel; the stop tokens are ours plus the base's."""
+    base = _read_json(base_dir / "config.json")
+    merged = {**base, **ours}
+    for key, value in base.items():
+        if key in _WRITTEN_FIELDS or merged[key] == value:
+            continue
+        trial = {**merged, key: value}
+        try:
+            same = ModelConfig.from_hf_config(trial) == config
+        except (UserError, TypeError, ValueError, KeyError):
+            same = False
+        if same:
+            merged = trial
+    base_gen = _read_json(base_dir / "generation_config.json")
+    gen = {**base_gen, **generation}
+    ours_eos = _ids(generation.get("eos_token_id"))
+    eos = ours_eos + [e for e in _ids(base_gen.get("eos_token_id")) if e not in ours_eos]
+    if eos:
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return merged, gen
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); restore the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def _write_shards(
@@ -287,7 +338,8 @@ def _write_shards(
             raise ValueError(f"save_hf_checkpoint: tensor {name} given twice")
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"save_hf_checkpoint: {name} has shape {tuple(tensor.shape)}, config implies {expected[name]}")
-        t = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        t = tensor.detach().to("cpu", dtype=cast).contiguous()
         if any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shard.values()):
             t = t.clone()  # safetensors refuses tensors sharing memory
         saved_dtype = saved_dtype or t.dtype
