@@ -233,7 +233,12 @@ def test_unsupported_architecture_is_one_clear_error(model_type, arch, tmp_path)
     with pytest.raises(UserError) as err:
         load_hf_config(tmp_path)
     msg = str(err.value)
-    assert model_type in msg and arch in msg and "llama, mistral, qwen2, qwen3" in msg and "\n" not in msg
+    assert (
+        model_type in msg
+        and arch in msg
+        and "llama, mistral, qwen2, qwen3, gemma3_text, phi3 checkpoints" in msg
+        and "\n" not in msg
+    )
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,10 @@ def test_base_of_an_unsupported_architecture(tmp_path, capsys):
     (base / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
     data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
     line = sft_error(capsys, tmp_path / "r", f"data.path={data}", f"model.from={base}")
-    assert "model_type 'gpt2' (GPT2LMHeadModel) is not supported; llmtrain loads llama, mistral, qwen2, qwen3 checkpoints" in line
+    assert (
+        "model_type 'gpt2' (GPT2LMHeadModel) is not supported; llmtrain loads llama, mistral, qwen2, qwen3, gemma3_text, phi3 checkpoints"
+        in line
+    )
 
 
 def test_data_that_is_not_records(tmp_path, capsys, shared_dir):

@@ -1,8 +1,13 @@
-"""Our compact Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), parameter names as in HF.
+"""Our compact Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3),
+parameter names as in HF (Phi-3's fused checkpoint projections are split by model/hf.py).
 
 RMSNorm, RoPE (rotate-half, optional llama3 scaling), grouped-query attention, SwiGLU MLP,
-optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Hot
-ops go through the `kernels` dispatch point only; the model holds no parallelism code.
+optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Gemma 3:
+(1 + w) RMSNorms before and after attention and MLP, GeGLU (tanh GELU), embeddings times
+sqrt(hidden), attention scale query_pre_attn_scalar^-0.5, sliding-window layers with their own
+RoPE base, optional final logit soft-capping. Hot ops go through the `kernels` dispatch point;
+the exceptions are Gemma's GeGLU and attention over spans longer than a sliding window (masked
+torch SDPA, `windowed_attention`: the kernels have no window). The model holds no parallelism code.
 
     model = Decoder(ModelConfig.from_preset("tiny", vocab_size=8000))
     logits = model(input_ids)                                   # [B, L, V]
@@ -68,16 +73,21 @@ class Embedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm scaled by `weight`, or with `offset` (Gemma) by 1 + weight computed in fp32 and
+    cast back, as transformers' Gemma3RMSNorm (the weight then starts at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.offset else nn.init.ones_)(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return kernels.rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).to(x.dtype)
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
@@ -85,14 +95,18 @@ class RMSNorm(nn.Module):
 # Rotary position embedding
 
 
-def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None, local: bool = False) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), i < d/2, with Llama 3's frequency-dependent scaling
-    when `config.rope_scaling` is llama3 (same float32 arithmetic as transformers)."""
+    when `config.rope_scaling` is llama3, divided by the factor when linear (same float32
+    arithmetic as transformers). `local`: Gemma 3's sliding layers (`rope_local_theta`, unscaled)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scaling = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -137,12 +151,36 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def windowed_attention(q, k, v, window: int, q_start: int, doc_ids=None, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention in which the query at position i sees keys j with i - window < j <= i
+    (transformers' sliding window), within its document. q [B, Hq, L, D] at positions
+    q_start.., k/v [B, Hkv, Lk, D] at positions 0..Lk-1. Torch SDPA with a [L, Lk] mask."""
+    L, Lk = q.shape[2], k.shape[2]
+    qpos = torch.arange(q_start, q_start + L, device=q.device)[:, None]
+    kpos = torch.arange(Lk, device=q.device)[None, :]
+    mask = ((kpos <= qpos) & (qpos - kpos < window))[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks
 
 
+def layer_window(config: ModelConfig, layer: int) -> Optional[int]:
+    """The sliding window layer `layer` attends within (None: full causal attention). Mistral's
+    window is enforced by refusing longer spans instead (Decoder._check_span)."""
+    if config.family == "phi3" or (config.family == "gemma3" and config.layer_types[layer] == "sliding_attention"):
+        return config.sliding_window
+    return None
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         h, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
@@ -151,24 +189,30 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.num_kv_heads * hd, config.attention_bias, std)
         self.v_proj = Linear(h, self.num_kv_heads * hd, config.attention_bias, std)
         self.o_proj = Linear(self.num_heads * hd, h, config.attention_out_bias, out_std)
+        gemma = config.family == "gemma3"
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, offset=gemma)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, offset=gemma)
         self.qk_norm = config.qk_norm
+        self.scale = config.query_pre_attn_scalar**-0.5 if gemma else None
+        self.window = layer_window(config, layer)
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
+        if self.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's dims, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        causal = True
+        causal, start = True, 0
         if kv_cache is not None:
-            causal = kv_cache.length == 0  # prefill is causal; a single new token sees the whole cache
+            causal, start = kv_cache.length == 0, kv_cache.length  # prefill is causal; a new token sees the cache
             k, v = kv_cache.update(layer, k, v)
-        out = kernels.attention(q, k, v, doc_ids=doc_ids, causal=causal)
+        if self.window is not None and start + L > self.window:
+            out = windowed_attention(q, k, v, self.window, start, doc_ids, self.scale)
+        else:
+            out = kernels.attention(q, k, v, doc_ids=doc_ids, causal=causal, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
 
 
@@ -180,20 +224,34 @@ class MLP(nn.Module):
         self.gate_proj = Linear(h, i, False, std)
         self.up_proj = Linear(h, i, False, std)
         self.down_proj = Linear(i, h, False, out_std)
+        self.geglu = config.family == "gemma3"
 
     def forward(self, x):
+        if self.geglu:  # Gemma: GELU (tanh approximation) gate
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Pre-norm block; Gemma 3 also normalises the attention and MLP outputs (its
+    post_attention_layernorm is on the attention output, pre_feedforward_layernorm before the MLP)."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        h, eps, gemma = config.hidden_size, config.rms_norm_eps, config.family == "gemma3"
+        self.input_layernorm = RMSNorm(h, eps, offset=gemma)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(h, eps, offset=gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, offset=True)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, offset=True)
         self.mlp = MLP(config)
+        self.sandwich = gemma
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache, layer))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -204,8 +262,8 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.family == "gemma3")
 
 
 class LMHead(nn.Module):
@@ -216,6 +274,7 @@ class LMHead(nn.Module):
 
     def __init__(self, config: ModelConfig, tied_weight: Optional[nn.Parameter] = None):
         super().__init__()
+        self.softcap = config.final_logit_softcapping
         if tied_weight is not None:
             self.weight = tied_weight
         else:
@@ -223,6 +282,12 @@ class LMHead(nn.Module):
             nn.init.normal_(self.weight, mean=0.0, std=config.initializer_range)
 
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
+        if self.softcap is not None:  # Gemma: cap * tanh(logits / cap); the [tokens, V] logits are materialised
+            logits = torch.tanh(F.linear(hidden, self.weight) / self.softcap) * self.softcap
+            if labels is None:
+                return logits
+            loss = kernels.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction)
+            return loss.view(labels.shape).float() if reduction == "none" else loss.float()
         if labels is None:
             return F.linear(hidden, self.weight)
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -286,9 +351,16 @@ class Decoder(nn.Module):
         self._check_span(start + L, kv_cache)
 
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
+        types = self.config.layer_types or ["full_attention"] * self.config.num_hidden_layers
+        rope = {"full_attention": rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)}
+        if self.config.family == "gemma3":  # sqrt(hidden) in the embedding dtype, as transformers
+            x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
+            if "sliding_attention" in types:
+                local = rope_inv_freq(self.config, x.device, local=True)
+                rope["sliding_attention"] = rope_cos_sin(local, position_ids, x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.model.layers):
+            cos, sin = rope[types[i]]
             if use_ckpt:
                 x = checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
             else:
@@ -300,7 +372,7 @@ class Decoder(nn.Module):
 
     def _check_span(self, span: int, kv_cache: Optional[KVCache]) -> None:
         window = self.config.sliding_window
-        if window is not None and span > window:
+        if window is not None and span > window and self.config.family == "mistral":
             raise UserError(
                 f"attention span {span} exceeds this model's sliding window {window}; sliding-window "
                 f"attention is not implemented, so keep sequences (prompt + new tokens) <= {window}"

@@ -1,8 +1,11 @@
 """The single bridge between our decoder and Hugging Face checkpoint directories.
 
-Parameter names are the same in our model and in Llama/Mistral/Qwen2/Qwen3 checkpoints, so
-the per-family differences live in `ModelConfig.from_hf_config` / `to_hf_config` and tensors
-move by name. Only safetensors are read (never pickles); nothing runs remote code.
+Parameter names are the same in our model and in Llama/Mistral/Qwen2/Qwen3/Gemma 3 checkpoints,
+so the per-family differences live in `ModelConfig.from_hf_config` / `to_hf_config` and tensors
+move by name. Phi-3 checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`: its
+state-dict adapter (`fused_parts`) splits them on import (`iter_model_tensors`,
+`check_model_files`) and `save_hf_checkpoint` fuses them back (our names go in, the family's
+layout is written). Only safetensors are read (never pickles); nothing runs remote code.
 
     config = load_hf_config("ckpt/")                     # ModelConfig; UserError if unsupported
     model = load_hf_model("ckpt/")                       # Decoder with the weights, eval mode
@@ -109,17 +112,109 @@ def _weight_files(model_dir: Path) -> list[tuple[Path, Optional[set[str]]]]:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-architecture state-dict adapter: fused checkpoint tensors <-> our separate projections
+
+_FUSED = {  # family -> (fused module, its parts in concatenation order along dim 0)
+    "phi3": (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp.gate_up_proj", ("gate_proj", "up_proj"))),
+}
+
+
+def fused_parts(config: ModelConfig, name: str) -> Optional[list[tuple[str, int]]]:
+    """For a checkpoint tensor that fuses several of our parameters (Phi-3's `qkv_proj` and
+    `gate_up_proj`): [(our name, rows)] in concatenation order (dim 0); else None."""
+    rows = {
+        "q_proj": config.num_attention_heads * config.head_dim,
+        "k_proj": config.num_key_value_heads * config.head_dim,
+        "v_proj": config.num_key_value_heads * config.head_dim,
+        "gate_proj": config.intermediate_size,
+        "up_proj": config.intermediate_size,
+    }
+    for fused, parts in _FUSED.get(config.family, ()):
+        suffix = f".{fused}.weight"
+        if name.startswith("model.layers.") and name.endswith(suffix):
+            base = name[: -len(suffix)] + "." + fused.split(".")[0] + "."
+            return [(f"{base}{part}.weight", rows[part]) for part in parts]
+    return None
+
+
+def _fused_name(config: ModelConfig, name: str) -> Optional[str]:
+    """The fused checkpoint tensor our parameter `name` is a part of (None: stored as is)."""
+    for fused, parts in _FUSED.get(config.family, ()):
+        module, _, _ = fused.partition(".")
+        for part in parts:
+            piece = f".{module}.{part}.weight"
+            if name.startswith("model.layers.") and name.endswith(piece):
+                return name[: -len(piece)] + f".{fused}.weight"
+    return None
+
+
+def _split(model_dir, config: ModelConfig, expected: dict, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
+    """[(our name, shape)] of a checkpoint tensor: itself, or its parts when it is fused (the
+    fused shape checked first, so a mismatch names the checkpoint's tensor)."""
+    parts = fused_parts(config, name)
+    if parts is None or parts[0][0] not in expected:
+        return [(name, shape)]
+    want = (sum(rows for _, rows in parts), *expected[parts[0][0]][1:])
+    if shape != want:
+        raise UserError(
+            f"{model_dir}: tensor {name} has shape {shape} but config.json implies {want}; the weights do not belong to this config"
+        )
+    return [(part, (rows, *shape[1:])) for part, rows in parts]
+
+
+def _fuse(config: ModelConfig, items: Iterable[tuple[str, torch.Tensor]], expected: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our (name, tensor) pairs in the checkpoint's layout: the parts of a fused tensor are held
+    until all have come, then concatenated in `fused_parts` order (state dicts bring a layer's
+    parts together, so about one layer's parts are held)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in items:
+        fused = _fused_name(config, name)
+        if fused is None:
+            yield name, tensor
+            continue
+        if tuple(tensor.shape) != expected.get(name):
+            raise ValueError(f"save_hf_checkpoint: {name} has shape {tuple(tensor.shape)}, config implies {expected.get(name)}")
+        got = pending.setdefault(fused, {})
+        if name in got:
+            raise ValueError(f"save_hf_checkpoint: tensor {name} given twice")
+        got[name] = tensor.detach()
+        parts = [part for part, _ in fused_parts(config, fused)]
+        if len(got) == len(parts):
+            del pending[fused]
+            yield fused, torch.cat([got[part] for part in parts], dim=0)
+    if pending:
+        fused, got = next(iter(pending.items()))
+        missing = [part for part, _ in fused_parts(config, fused) if part not in got]
+        raise ValueError(f"save_hf_checkpoint: missing tensor {missing[0]} (a part of {fused})")
+
+
+def _checkpoint_shapes(config: ModelConfig, expected: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor as the family's checkpoints store it (fused where it fuses)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in expected.items():
+        fused = _fused_name(config, name)
+        if fused is None:
+            out[name] = shape
+        elif fused not in out:
+            out[fused] = (sum(rows for _, rows in fused_parts(config, fused)), *shape[1:])
+    return out
+
+
 def iter_model_tensors(model_dir: Union[str, os.PathLike], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Exactly the parameters of `Decoder(config)` from a checkpoint directory, one at a time, in
     a fixed order: each name once with its expected shape (`lm_head.weight` skipped when tied,
-    recomputed RoPE buffers skipped). Anything unexpected, misshapen or missing is a UserError.
+    recomputed RoPE buffers skipped, fused tensors split into our parameters). Anything unexpected, misshapen or missing is a UserError.
     Use it to fill a model built elsewhere (e.g. partitioned under ZeRO-3)."""
     expected = _expected_shapes(config)
     seen: set[str] = set()
-    for name, tensor in iter_hf_tensors(model_dir):
-        if _matches(model_dir, config, expected, name, tuple(tensor.shape)):
-            seen.add(name)
-            yield name, tensor
+    for file_name, file_tensor in iter_hf_tensors(model_dir):
+        parts = _split(model_dir, config, expected, file_name, tuple(file_tensor.shape))
+        pieces = file_tensor.split([shape[0] for _, shape in parts]) if len(parts) > 1 else [file_tensor]
+        for (name, shape), tensor in zip(parts, pieces):
+            if _matches(model_dir, config, expected, name, shape):
+                seen.add(name)
+                yield name, tensor
     _all_present(model_dir, expected, seen)
 
 
@@ -137,9 +232,12 @@ def check_model_files(model_dir: Union[str, os.PathLike], config: ModelConfig) -
             raise UserError(
                 f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
             )
-        for name, shape in header.items():
-            if (keys is None or name in keys) and _matches(model_dir, config, expected, name, shape):
-                seen.add(name)
+        for file_name, file_shape in header.items():
+            if keys is not None and file_name not in keys:
+                continue
+            for name, shape in _split(model_dir, config, expected, file_name, file_shape):
+                if _matches(model_dir, config, expected, name, shape):
+                    seen.add(name)
     _all_present(model_dir, expected, seen)
 
 
@@ -244,6 +342,9 @@ def save_hf_checkpoint(
         raise UserError(f"{out_dir} already exists and is not empty; choose another output directory or remove it")
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+    if config.family in _FUSED:  # the family's checkpoint layout (Phi-3: fused projections)
+        tensors = _fuse(config, tensors.items() if isinstance(tensors, Mapping) else tensors, expected)
+        expected = _checkpoint_shapes(config, expected)
     with atomic_dir(out_dir, replace=overwrite) as tmp:
         weight_map, total_bytes, saved_dtype = _write_shards(tensors, config, expected, tmp, max_shard_bytes, dtype)
         if len(set(weight_map.values())) > 1:

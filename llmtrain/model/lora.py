@@ -12,13 +12,20 @@ AutoModelForCausalLM.from_pretrained(base), adapter_dir)` reads the adapters we 
 Target modules (`lora.target_modules`): each entry is a module name or dotted suffix
 ("q_proj", "self_attn.o_proj") or a regular expression over full module names
 (r"model\\.layers\\.[0-3]\\..*_proj"); each must match at least one Linear (or, untied, the
-embedding). They resolve to the exact list of module names given to peft. Nothing here knows
+embedding). They resolve to the exact list of module names given to peft. Phi-3 checkpoints
+fuse `qkv_proj` and `gate_up_proj`, which our decoder holds as separate projections: in a Phi-3
+model those names (or dotted suffixes ending in them) select their parts (q/k/v_proj,
+gate/up_proj). Their adapters are written in the checkpoint's layout (`fuse_adapter`: one
+exact LoRA on qkv_proj / gate_up_proj, of rank the parts' ranks summed, so `peft` loads them on
+transformers' Phi3ForCausalLM) and split again on load (`split_adapter`, which also takes
+adapters trained with peft on transformers' Phi-3). Nothing here knows
 about ZeRO: under ZeRO-3 the caller gathers the adapter first (llmtrain/engine.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -30,10 +37,24 @@ from torch import nn
 from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
+from llmtrain.model.hf import fused_parts, load_hf_config
+from llmtrain.model.model_config import ModelConfig
 
 PREFIX = "base_model.model."  # what PeftModel adds in front of the base model's names
 ADAPTER_FILE = "adapter_model.safetensors"
 SUPPORTED = (nn.Linear, nn.Embedding)
+# Fused checkpoint modules (llmtrain/model/hf.py's state-dict adapter) -> our modules, per family.
+FUSED_TARGETS = {"phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}}
+
+
+def _unfused(model: nn.Module, entry: str) -> list[str]:
+    """`entry` itself, or the names of its parts when it names a fused module of this family."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    head, _, leaf = entry.rpartition(".")
+    parts = FUSED_TARGETS.get(family, {}).get(leaf)
+    if parts is None:
+        return [entry]
+    return [f"{head}.{part}" if head else part for part in parts]
 
 
 def _matches(entry: str, name: str) -> bool:
@@ -50,10 +71,12 @@ def _matches(entry: str, name: str) -> bool:
 def resolve_targets(model: nn.Module, section, tied: bool) -> list[str]:
     """Full names of the modules `section.target_modules` selects (each entry must select one)."""
     modules = dict(model.named_modules())
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)}
+    linear_names = sorted(linear_names | set(FUSED_TARGETS.get(getattr(getattr(model, "config", None), "family", None), {})))
     chosen: set[str] = set()
     for entry in section.target_modules:
-        hits = [n for n in modules if n and _matches(entry, n)]
+        names = _unfused(model, entry)
+        hits = [n for n in modules if n and any(_matches(e, n) for e in names)]
         usable = [n for n in hits if isinstance(modules[n], SUPPORTED)]
         if not usable:
             seen = (
@@ -139,6 +162,9 @@ def write_adapter(
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise RuntimeError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}")
+    model_config = _base_config(base)
+    if model_config is not None:
+        state, config = fuse_adapter(state, config, model_config)
     config.base_model_name_or_path = base
     config.inference_mode = True
     with atomic_dir(output, replace=True) as tmp:
@@ -149,6 +175,127 @@ def write_adapter(
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     return Path(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused checkpoint layouts (Phi-3): adapters on our q/k/v (gate/up) <-> one adapter on the fused module
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_ADAPTER_SUFFIXES = (_A, _B, ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _adapted(name: str) -> tuple[str, Optional[str]]:
+    """(module, suffix) of an adapter tensor's name (suffix None: not a LoRA weight)."""
+    for suffix in _ADAPTER_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return "", None
+
+
+def _base_config(base) -> Optional[ModelConfig]:
+    """The ModelConfig of the base directory an adapter is written for, when it has a readable
+    config.json of a family whose checkpoints fuse projections (else None: written as is)."""
+    if base is None or not (Path(base) / "config.json").is_file():
+        return None
+    try:
+        config = load_hf_config(base)
+    except UserError:
+        return None
+    return config if config.family in FUSED_TARGETS else None
+
+
+def _r_alpha(config, module: str) -> tuple[int, float]:
+    from peft.utils.other import get_pattern_key
+
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return r, alpha
+
+
+def _scaling(config, r: int, alpha: float) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def fuse_adapter(state: dict[str, torch.Tensor], config, model_config: ModelConfig):
+    """(state, LoraConfig) in the checkpoint's layout: the adapters of a fused module's parts
+    become one adapter on it, exactly: A = [A_p; ...] (rank R = the parts' ranks summed),
+    B = the B_p * scaling_p placed block-diagonally (zero rows for parts not adapted), with
+    alpha chosen so that its scaling is 1. Other tensors pass unchanged; a new config is returned."""
+    groups = FUSED_TARGETS.get(model_config.family, {})
+    part_of = {part: fused for fused, parts in groups.items() for part in parts}
+    kept: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # fused module -> part module -> {A, B}
+    targets: set[str] = set()  # the exact adapted modules (peft may have shortened target_modules)
+    for key, tensor in state.items():
+        module, suffix = _adapted(key.removeprefix(PREFIX))
+        head, _, leaf = module.rpartition(".")
+        if suffix in (_A, _B) and leaf in part_of:
+            fused.setdefault(f"{head}.{part_of[leaf]}", {}).setdefault(module, {})[suffix] = tensor
+            continue
+        kept[key] = tensor
+        if suffix is not None:
+            targets.add(module)
+    if not fused:
+        return state, config
+    config = copy_config(config)
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for module, parts in fused.items():
+        layout = [(name.removesuffix(".weight"), rows) for name, rows in fused_parts(model_config, module + ".weight")]
+        rank = sum(t[_A].shape[0] for t in parts.values())
+        a_blocks, b = [], None
+        row, col = 0, 0
+        for part, rows in layout:
+            if part in parts:
+                a, bp = parts[part][_A], parts[part][_B]
+                r = a.shape[0]
+                if b is None:
+                    b = bp.new_zeros(sum(n for _, n in layout), rank)
+                b[row : row + rows, col : col + r] = bp * _scaling(config, *_r_alpha(config, part))
+                a_blocks.append(a)
+                col += r
+            row += rows
+        kept[f"{PREFIX}{module}{_A}"] = torch.cat(a_blocks, dim=0).contiguous()
+        kept[f"{PREFIX}{module}{_B}"] = b.contiguous()
+        targets.add(module)
+        rank_pattern[re.escape(module)] = rank
+        alpha_pattern[re.escape(module)] = math.sqrt(rank) if config.use_rslora else float(rank)
+    config.target_modules = sorted(targets)
+    config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    return kept, config
+
+
+def split_adapter(state: dict[str, torch.Tensor], config, model_config: ModelConfig):
+    """The inverse of `fuse_adapter` for our decoder: an adapter on a fused module (ours, or one
+    peft trained on transformers' Phi-3) becomes one per part, exactly: A_p = A, B_p = B's rows
+    of part p, each with the fused module's rank and alpha. Returns (state, LoraConfig) whose
+    target_modules are the exact adapted module names."""
+    kept: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+    rank_pattern, alpha_pattern = {}, {}
+    for key, tensor in state.items():
+        module, suffix = _adapted(key.removeprefix(PREFIX))
+        if suffix is None:
+            kept[key] = tensor
+            continue
+        parts = fused_parts(model_config, module + ".weight") if suffix in (_A, _B) else None
+        if parts is None:
+            kept[key] = tensor
+            modules.add(module)
+            rank_pattern[re.escape(module)], alpha_pattern[re.escape(module)] = _r_alpha(config, module)
+            continue
+        row = 0
+        for part, rows in parts:
+            part = part.removesuffix(".weight")
+            kept[f"{PREFIX}{part}{suffix}"] = tensor.clone() if suffix == _A else tensor[row : row + rows].clone()
+            row += rows
+            modules.add(part)
+            rank_pattern[re.escape(part)], alpha_pattern[re.escape(part)] = _r_alpha(config, module)
+    if kept.keys() == state.keys():
+        return state, config
+    config = copy_config(config)
+    config.target_modules = sorted(modules)
+    config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    return kept, config
 
 
 def expected_shapes(model_config, config) -> dict[str, tuple]:
@@ -218,6 +365,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     config, state = read_adapter(adapter_dir)
+    model_config = getattr(model, "config", None)
+    if isinstance(model_config, ModelConfig) and model_config.family in FUSED_TARGETS:
+        state, config = split_adapter(state, config, model_config)
     check_adapter_fits(model, config, state, Path(adapter_dir))
     inject_adapter_in_model(config, model)
     result = set_peft_model_state_dict(model, {k.removeprefix(PREFIX): v for k, v in state.items()})
