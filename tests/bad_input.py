@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -249,9 +250,10 @@ def battery(cases: Sequence[Case]):
     def run_all(env: Env, selected: list[Case]) -> None:
         if results:
             return
-        zygote = Zygote(env.tmp)
+        root = Path(tempfile.mkdtemp(prefix="rows-", dir=env.tmp))  # this module's rows, apart from other modules'
+        zygote = Zygote(root)
         with ThreadPoolExecutor(PARALLEL) as pool:
-            futures = {c.id: pool.submit(run_case, c, _row_env(env, c), 3 * c.within_s + 30, zygote) for c in selected}
+            futures = {c.id: pool.submit(run_case, c, _row_env(env, root, c), 3 * c.within_s + 30, zygote) for c in selected}
             for key, fut in futures.items():
                 try:
                     results[key] = fut.result()
@@ -271,5 +273,5 @@ def battery(cases: Sequence[Case]):
     return test_case
 
 
-def _row_env(env: Env, case: Case) -> Env:
-    return Env(env.tmp / case.id, env.data, env.tok, env.stories, env.config, env.silent)
+def _row_env(env: Env, root: Path, case: Case) -> Env:
+    return Env(root / case.id, env.data, env.tok, env.stories, env.config, env.silent)

@@ -115,14 +115,16 @@ def test_the_store_listens_on_the_node_address_only(monkeypatch):
 
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # as launch.py sets it for the embedded runtime
+    # Only this test's listeners count: earlier tests in the same process may have left their own.
+    earlier = {row for row in listeners() if row[2] == os.getpid()}
     host, port = process_group.open_store(world=1, timeout_s=30)
     try:
-        mine = [row for row in listeners() if row[2] == os.getpid()]
+        mine = [row for row in listeners() if row[2] == os.getpid() and row not in earlier]
         assert (f"127.0.0.1:{port}", port) in {(row[0], int(row[0].rpartition(":")[2])) for row in mine}, mine
         assert all(row[0].rpartition(":")[0] in LOOPBACK for row in mine), mine
         process_group.join("gloo", world_rank=0, world=1, host=host, port=port, timeout_s=30)
         assert dist.get_world_size() == 1
-        mine = [row for row in listeners() if row[2] == os.getpid()]
+        mine = [row for row in listeners() if row[2] == os.getpid() and row not in earlier]
         assert all(row[0].rpartition(":")[0] in LOOPBACK for row in mine), mine
     finally:
         if dist.is_initialized():
