@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 PRELOAD = (
     "torch",
@@ -73,6 +74,7 @@ def child(request: dict) -> None:
 
 
 def serve() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmtrain, as `python -m` from the repo
     for name in PRELOAD:
         importlib.import_module(name)
     print(json.dumps({"ready": True}), flush=True)

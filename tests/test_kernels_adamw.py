@@ -231,6 +231,7 @@ def _zero_worker(out: str, store: str) -> None:
     result["kernel_launches"] = len(launches)
     if rank == 0:
         Path(out).write_text(json.dumps(result))
+    dist.barrier()  # neither rank tears the group down while the other is still in a collective
     dist.destroy_process_group()
 
 

@@ -297,7 +297,7 @@ def export_base(source: Path, target: Path, key: str) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     lora_run = (meta.get("config") or {}).get("lora")
     print(f"llmtrain: exporting {key} {ckpt} to {target}" + (" (LoRA merged)" if lora_run else ""), file=sys.stderr)
-    export(ckpt, target, merge=bool(lora_run))
+    export(ckpt, target, merge=bool(lora_run), dtype="fp32")  # the next stage starts from the trained weights, not a rounding
     atomic_write_json(target / BASE_MARKER, marker)
     return target
 
