@@ -29,7 +29,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from llmtrain.data.clean import CleanStats
 from llmtrain.errors import UserError
@@ -214,9 +214,10 @@ def _strings(values: list, path: Path, column: str, first: int = 1) -> Iterator[
             )
 
 
-def _first_bad_line(path: Path, column: str) -> tuple[int, str] | None:
+def first_bad_line(path: Path, column: Optional[str] = None) -> tuple[int, str] | None:
     """(1-based line number, what is wrong) of the first line of a JSON Lines file that is not a
-    JSON object with a text (or null/missing) `column`; None if every line is."""
+    JSON object (with a text, null or missing `column`, when given); None if every line is.
+    pyarrow and datasets only say 'row N', counted from 0 (and, in pyarrow, per block)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -227,7 +228,7 @@ def _first_bad_line(path: Path, column: str) -> tuple[int, str] | None:
                 return number, f"not valid JSON: {err.msg} at column {err.colno}"
             if not isinstance(record, dict):
                 return number, f"a JSON {type(record).__name__}, not an object"
-            value = record.get(column)
+            value = record.get(column) if column is not None else None
             if value is not None and not isinstance(value, str):
                 return number, f"'{column}' is not text but {type(value).__name__}"
     return None
@@ -256,7 +257,7 @@ def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
             done = pos
         on_bytes(size - done)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        bad = _first_bad_line(path, column)
+        bad = first_bad_line(path, column)
         reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
         raise UserError(
             f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"

@@ -39,6 +39,7 @@ import numpy as np
 
 from llmtrain.data.atomic import atomic_dir
 from llmtrain.data.chat import ROLES, ChatTemplate, TemplateError, check_mask, encode_conversations
+from llmtrain.data.readers import first_bad_line
 from llmtrain.data.sft_batches import pack_rows
 from llmtrain.errors import UserError
 
@@ -91,9 +92,10 @@ def read_records(files: list[Path], key: str = "data.path"):
                 builder, data_files=[str(f) for f in files], split="train", cache_dir=tmp, keep_in_memory=True
             )
         except Exception as err:  # pyarrow / datasets errors on malformed files
-            bad = _first_bad_json_line(files)
-            if bad is not None:
-                raise UserError(f"{key}: {bad}; fix that line (one JSON object per line)") from None
+            for f in (f for f in files if f.suffix in (".jsonl", ".ndjson")):
+                bad = first_bad_line(f)
+                if bad is not None:
+                    raise UserError(f"{key}: {f} line {bad[0]}: {bad[1]}; fix that line (one JSON object per line)") from None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
                 f"{key}: cannot read {', '.join(map(str, files))} as records ({first}); "
@@ -102,25 +104,6 @@ def read_records(files: list[Path], key: str = "data.path"):
     if len(ds) == 0:
         raise UserError(f"{key}: {', '.join(map(str, files))} holds no records")
     return ds
-
-
-def _first_bad_json_line(files: list[Path]) -> Optional[str]:
-    """'FILE line N (1-based): what is wrong' for the first line of a JSON Lines file that is not a
-    JSON object (datasets only says 'row N', counted from 0); None if every line parses."""
-    for f in files:
-        if f.suffix not in (".jsonl", ".ndjson"):
-            continue
-        with open(f, encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    return f"{f} line {number}: not valid JSON ({err.msg} at character {err.pos + 1})"
-                if not isinstance(value, dict):
-                    return f"{f} line {number}: a JSON {type(value).__name__}, not an object"
-    return None
 
 
 def detect_format(record: dict, data) -> str:
