@@ -41,7 +41,7 @@ from llmtrain.config import LoraSection
 from llmtrain.data.atomic import atomic_dir
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
-from llmtrain.model.hf import iter_hf_tensors, save_hf_checkpoint
+from llmtrain.model.hf import save_hf_checkpoint, stored_float_dtype
 from llmtrain.model.lora import PREFIX, copy_config, expected_shapes, lora_config, merged_model, resolve_targets, write_adapter
 from llmtrain.model.model_config import ModelConfig
 from llmtrain.safe_load import weights_only_loads
@@ -154,10 +154,8 @@ def export_dtype(base: Optional[str]) -> torch.dtype:
     named = hf.get("dtype") or hf.get("torch_dtype")
     if named in _HF_DTYPES:
         return _HF_DTYPES[named]
-    for _, tensor in iter_hf_tensors(path):
-        if tensor.is_floating_point():
-            return tensor.dtype if tensor.dtype in DTYPES.values() else torch.float32
-    return torch.float32
+    stored = stored_float_dtype(path)  # from the safetensors headers: no tensor is read
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
 
 def _write_model(tensors, config, output: Path, tokenizer_dir: Optional[Path], dtype: torch.dtype, base: Optional[str]) -> None:

@@ -63,11 +63,7 @@ def iter_hf_tensors(
     for file, keys in _weight_files(Path(model_dir)):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             present = set(f.keys())
-            absent = [k for k in keys if k not in present] if keys is not None else []
-            if absent:
-                raise UserError(
-                    f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
-                )
+            _check_listed(file, keys, present)
             for key in f.keys():
                 if keys is not None and key not in keys:
                     continue
@@ -77,6 +73,15 @@ def iter_hf_tensors(
                 yield key, f.get_tensor(key)
     if wanted is not None and wanted - found:
         raise UserError(f"{model_dir}: checkpoint has no tensor {sorted(wanted - found)[0]}; it does not match the model")
+
+
+def _check_listed(file: Path, keys: Optional[set[str]], present) -> None:
+    """Every tensor the index lists for `file` (`keys`; None: no index) is among `present`."""
+    absent = sorted(k for k in keys if k not in present) if keys is not None else []
+    if absent:
+        raise UserError(
+            f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
+        )
 
 
 def _weight_files(model_dir: Path) -> list[tuple[Path, Optional[set[str]]]]:
@@ -227,12 +232,8 @@ def check_model_files(model_dir: Union[str, os.PathLike], config: ModelConfig) -
     seen: set[str] = set()
     for file, keys in _weight_files(Path(model_dir)):
         header = _safetensors_header(file)
-        absent = sorted(k for k in keys if k not in header) if keys is not None else []
-        if absent:
-            raise UserError(
-                f"{file}: tensor {absent[0]} listed in {INDEX_FILE} is missing; the shard is incomplete, re-download or re-export it"
-            )
-        for file_name, file_shape in header.items():
+        _check_listed(file, keys, header)
+        for file_name, (file_shape, _) in header.items():
             if keys is not None and file_name not in keys:
                 continue
             for name, shape in _split(model_dir, config, expected, file_name, file_shape):
@@ -241,9 +242,20 @@ def check_model_files(model_dir: Union[str, os.PathLike], config: ModelConfig) -
     _all_present(model_dir, expected, seen)
 
 
-def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a safetensors file's header (8-byte length, then JSON), after
-    checking the file is as long as the header says."""
+def stored_float_dtype(model_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """The safetensors dtype ("BF16", "F16", "F32", ...) of the first floating-point tensor of a
+    checkpoint directory (files in order, names sorted), from the headers alone; None if none."""
+    for file, keys in _weight_files(Path(model_dir)):
+        header = _safetensors_header(file)
+        for name in sorted(header):
+            if (keys is None or name in keys) and header[name][1].startswith(("F", "BF")):
+                return header[name][1]
+    return None
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, dtype)} from a safetensors file's header (8-byte length, then JSON),
+    after checking the file is as long as the header says."""
     size = file.stat().st_size
     damaged = f"{file}: not a complete safetensors file"
     with open(file, "rb") as f:
@@ -258,7 +270,7 @@ def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
     header.pop("__metadata__", None)
     try:
         end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
-        shapes = {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()}
+        tensors = {name: (tuple(int(d) for d in info["shape"]), str(info["dtype"])) for name, info in header.items()}
     except (KeyError, TypeError, ValueError, IndexError):
         raise UserError(f"{damaged} (malformed header); re-download or re-export the checkpoint") from None
     if 8 + n + end > size:
@@ -266,7 +278,7 @@ def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
             f"{damaged}: {size:,} bytes where its header needs {8 + n + end:,} (truncated download or copy); "
             "re-download or re-export the checkpoint"
         )
-    return shapes
+    return tensors
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
