@@ -26,7 +26,10 @@ class PretrainTask(Task):
     name = "pretrain"
 
     def prepare(self, cfg: JobConfig, layout: Layout) -> Plan:
-        train = self._loader(cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size)
+        # rank 0's view of the training data, kept for check_resume
+        self._driver_train = train = self._loader(
+            cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size
+        )
         model_config, _ = model_source(cfg, train.vocab_size, train.seq_len)
         # Before any worker starts: the model's vocabulary (and model.from's tokenizer) against every source.
         base = Path(cfg.model.from_) if cfg.model.from_ else None
@@ -37,7 +40,7 @@ class PretrainTask(Task):
         return Plan(model_config)
 
     def driver_batches(self, cfg: JobConfig, layout: Layout) -> Batches:
-        return self._loader(cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size)
+        return self._driver_train
 
     def build(self, cfg: JobConfig, layout: Layout, ctx: WorkerContext) -> TaskData:
         self._val = None

@@ -107,6 +107,7 @@ class SFTTask(Task):
         }
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / POINTER, info)
+        self._driver_info = info
         return Plan(self._model(cfg, info))
 
     def build_cache(self, cfg: JobConfig, tokenizer, template, seq_len: int, run_dir: Path) -> Path:
@@ -148,7 +149,7 @@ class SFTTask(Task):
         return TaskData(self.model_config, train, self.info["seq_len"], self.cache / "tokenizer", self._weights)
 
     def driver_batches(self, cfg: JobConfig, layout: Layout):
-        info = json.loads((Path(cfg.run.dir) / POINTER).read_text())
+        info = self._driver_info  # what prepare wrote to RUN_DIR/sft-data.json
         meta = self.read_cache_meta(Path(info["cache"]))
         split = self.split_class.open(Path(info["cache"]), "train")
         return self.batches_class(
