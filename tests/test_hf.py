@@ -258,16 +258,22 @@ def test_unsupported_features_are_refused(change, fragment):
         ModelConfig.from_hf_config({**hf, **change})
 
 
-def test_weight_file_errors(tmp_path):
-    cfg = ModelConfig.from_preset(
+def micro_config(layers: int, **overrides) -> ModelConfig:
+    """A tiny decoder for the weight-file tests (vocab 64, hidden 32, GQA 2:1)."""
+    return ModelConfig.from_preset(
         "tiny",
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
+        **overrides,
     )
+
+
+def test_weight_file_errors(tmp_path):
+    cfg = micro_config(1)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     with pytest.raises(UserError, match="no model.safetensors"):
         load_hf_model(tmp_path)
@@ -293,15 +299,7 @@ def test_weight_file_errors(tmp_path):
 
 def test_check_model_files_reads_headers_only(tmp_path):
     """The driver's check: complete files, the config's names and shapes, from the headers alone."""
-    cfg = ModelConfig.from_preset(
-        "tiny",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    cfg = micro_config(2)
     good = tmp_path / "good"
     save_hf_checkpoint(Decoder(cfg).state_dict(), cfg, good, max_shard_bytes=8000)
     check_model_files(good, cfg)
@@ -329,15 +327,7 @@ def test_check_model_files_reads_headers_only(tmp_path):
 
 
 def test_save_is_atomic_and_validates_names(tmp_path):
-    cfg = ModelConfig.from_preset(
-        "tiny",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    cfg = micro_config(1)
     state = Decoder(cfg).state_dict()
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="missing tensor"):
@@ -390,15 +380,7 @@ def test_save_streams_one_shard_at_a_time(tmp_path):
 
 
 def test_iter_hf_tensors_subset(tmp_path):
-    cfg = ModelConfig.from_preset(
-        "tiny",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    cfg = micro_config(2)
     state = Decoder(cfg).state_dict()
     save_hf_checkpoint(state, cfg, tmp_path / "c", max_shard_bytes=5000)
     want = ["model.norm.weight", "model.layers.1.mlp.up_proj.weight"]
@@ -414,16 +396,7 @@ def test_iter_model_tensors_skips_what_the_model_recomputes(tmp_path):
     anything else the model lacks is refused."""
     from safetensors.torch import save_file
 
-    cfg = ModelConfig.from_preset(
-        "tiny",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
+    cfg = micro_config(1, tie_word_embeddings=True)
     state = Decoder(cfg).state_dict()
     extra = {
         "lm_head.weight": state["model.embed_tokens.weight"].clone(),
