@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.model.quantize import holds_quantized
 from llmtrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, meta: dic
         tmp.mkdir()
         (tmp / "rng").mkdir()
     barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    # A 4-bit base (QLoRA) is not saved: it is the base quantized again on resume (deterministic).
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=holds_quantized(engine.module))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _test_hook_pause(step)
     barrier()
@@ -228,15 +230,41 @@ def resume_point(
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
     """Restore DeepSpeed state and this rank's RNG from checkpoint `path`; returns its meta."""
     meta = read_meta(path)
+    custom = _trainable_loader(path) if holds_quantized(engine.module) else None
     with weights_only_loads(path):  # DeepSpeed's own reads say weights_only=False
         load_path, _ = engine.load_checkpoint(
-            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
+            str(path),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=True,
+            custom_load_fn=custom,
         )
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {DS_TAG}/; the checkpoint is damaged, pick an earlier one")
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     _set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
+
+
+def _trainable_loader(path: Path):
+    """DeepSpeed's `custom_load_fn` for a model on a 4-bit base, whose checkpoints hold only the
+    trainable tensors (and the 4-bit layers' small quantization state, not read): each
+    trainable parameter is loaded, strictly (a missing one is a damaged checkpoint); the
+    frozen base stays as built from the base's files."""
+
+    def load_trainable(src: dict, dst: torch.nn.Module) -> None:
+        for name, param in dst.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name not in src or tuple(src[name].shape) != tuple(param.shape):
+                raise UserError(
+                    f"checkpoint {path}: {name} is missing or of another shape; the checkpoint is damaged, pick an earlier one"
+                )
+            with torch.no_grad():
+                param.copy_(src[name])
+
+    return load_trainable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ module state, memory-mapped. The output (config.json, generation_config.json, sa
 shards + index, tokenizer files) is assembled in a temporary directory and renamed.
 
 A LoRA fine-tuning run exports its adapter in PEFT's format instead, and with `--merge` the
-base with the adapter merged in (`export_lora`, through llmtrain/model/lora.py):
+base with the adapter merged in (`export_lora`, through llmtrain/model/lora.py; a QLoRA run
+merges into its base dequantized from 4 bits, `qlora_merged`):
 
     llmtrain export runs/lora --output exported/adapter
     llmtrain export runs/lora --output exported/merged --merge
@@ -172,6 +173,42 @@ def _write_model(tensors, config, output: Path, tokenizer_dir: Optional[Path], d
                     shutil.copy2(f, tmp / f.name)
 
 
+def qlora_merged(model_config, tensors, lora_cfg, section: LoraSection, base: Optional[str]) -> torch.nn.Module:
+    """A QLoRA run merged: its checkpoint holds only the trainable tensors, so the base is read
+    from its directory, each Linear weight quantized and dequantized as training did (the
+    weights the adapters were trained against, not the base's full-precision ones), then the
+    adapters merged in fp32 (peft's merge_and_unload)."""
+    from peft.tuners.lora import LoraModel
+
+    from llmtrain.model.hf import iter_model_tensors
+    from llmtrain.model.quantize import dequantized
+
+    if base is None or not (Path(base) / "config.json").is_file():
+        raise UserError(
+            f"--merge of a QLoRA run needs its base {base}, which is gone (its checkpoints hold only the adapters); "
+            "restore the base there, or export the adapter without --merge"
+        )
+    with torch.device("meta"):
+        model = Decoder(model_config)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = model.to_empty(device="cpu")
+    state = {}
+    for name, tensor in iter_model_tensors(base, model_config):
+        tensor = tensor.float()
+        state[name] = dequantized(tensor, section.quantize, section.double_quant) if name in linear else tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and missing in ([], ["lm_head.weight"]), (missing, unexpected)
+    model.tie_weights()
+    tuner = LoraModel(model, copy_config(lora_cfg), "default")
+    trainable = {n for n, p in tuner.model.named_parameters() if p.requires_grad}
+    adapters = {n: t for n, t in tensors if n in trainable}
+    if adapters.keys() != trainable:
+        lacking = sorted(trainable - adapters.keys())[0]
+        raise UserError(f"checkpoint does not match its QLoRA model ({lacking} is missing); the checkpoint is damaged")
+    tuner.model.load_state_dict(adapters, strict=False)
+    return tuner.merge_and_unload().eval()
+
+
 def _run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent  # RUN_DIR/checkpoints/step_N
 
@@ -194,6 +231,10 @@ def export_lora(
         targets = resolve_targets(Decoder(model_config), section, model_config.tie_word_embeddings)
     config = lora_config(section, targets)
     tensors = consolidated_tensors(ckpt, meta["zero_stage"])
+    if merge and section.quantize is not None:
+        model = qlora_merged(model_config, tensors, config, section, base)
+        _write_model(model.state_dict().items(), model_config, output, tokenizer_dir, dtype or torch.float32, base)
+        return Path(output)
     if merge:
         model = merged_model(model_config, tensors, config)
         _write_model(model.state_dict().items(), model_config, output, tokenizer_dir, dtype or torch.float32, base)

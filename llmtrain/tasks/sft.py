@@ -9,7 +9,8 @@ What fine-tuning adds to the one loop, through the Task interface (llmtrain/task
   merged) and loaded from there by every worker;
 - the data: the tokenized cache (llmtrain/data/sft.py), built on the driver before Ray starts
   (or by rank 0 under torchrun) and named in RUN_DIR/sft-data.json; every rank memory-maps it;
-- which parameters train (`select_trainable`): LoRA adapters only (llmtrain/model/lora.py), or all
+- which parameters train (`select_trainable`): LoRA adapters only (llmtrain/model/lora.py; with
+  `lora.quantize`, QLoRA, on a base held in 4 bits: llmtrain/model/quantize.py), or all
   but the frozen ones (`finetune.freeze` patterns, `finetune.freeze_layers`), optionally with
   layer-wise LR decay (each parameter's `lr_scale`, grouped by llmtrain/engine.py);
 - measurements before the first step and after the last: the task's accuracy (labelled data),
@@ -43,7 +44,7 @@ from llmtrain.data.sft import Choices, SFTSplit, build_cache, read_meta
 from llmtrain.data.sft_batches import SFTBatches
 from llmtrain.data.shards import open_prepared
 from llmtrain.data.tokenizer import load_tokenizer
-from llmtrain.engine import Layout, param_counts, trainable_state
+from llmtrain.engine import Layout, param_counts, resolve_precision, trainable_state
 from llmtrain.errors import UserError
 from llmtrain.evaluate import choice_accuracy, format_report, prepared_val_loss
 from llmtrain.export import export, pick_checkpoint
@@ -51,6 +52,7 @@ from llmtrain.metrics import read_metrics
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import load_hf_config
 from llmtrain.model.lora import apply_lora, expected_shapes, peft_adapter_state, write_adapter
+from llmtrain.model.quantize import import_bitsandbytes, quantize_base, quantized_bytes
 from llmtrain.tasks.base import Plan, Task, TaskData, model_source
 from llmtrain.worker import WorkerContext
 
@@ -183,6 +185,24 @@ class SFTTask(Task):
         return self.batches(split, passes, shuffle=False, wrap=False)
 
     def select_trainable(self, model: torch.nn.Module) -> None:
+        lora = self.cfg.lora
+        if lora is not None and lora.quantize is not None:
+            precision = resolve_precision(self.cfg, self.ctx.on_gpu)
+            compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+            layers = quantize_base(model, lora.quantize, lora.double_quant, compute, self.ctx.device)
+            if self.cfg.model.activation_checkpointing is None:
+                model.gradient_checkpointing = True  # as peft's prepare_model_for_kbit_training
+            held, params = quantized_bytes(model)
+            if self.ctx.is_main:
+                log.info(
+                    "QLoRA: %d Linear layers in %s (%s), %.1f MB for %.1fM parameters (%.3f bytes each)",
+                    layers,
+                    lora.quantize,
+                    "double quantisation" if lora.double_quant else "fp32 scales",
+                    held / 2**20,
+                    params / 1e6,
+                    held / params,
+                )
         self.lora = select_trainable(model, self.cfg, self.model_config, seed=self.cfg.run.seed)
         self.params = dict(zip(("trainable", "total"), param_counts(model)))
 
@@ -418,6 +438,8 @@ def select_trainable(model: torch.nn.Module, cfg: JobConfig, model_config, seed:
 
 def check_plan(cfg: JobConfig, model_config) -> None:
     """Run `select_trainable` on a meta-device model: pattern mistakes surface on the driver."""
+    if cfg.lora is not None and cfg.lora.quantize is not None:
+        import_bitsandbytes()  # installed? (a one-line error before workers start)
     with torch.device("meta"):
         select_trainable(Decoder(model_config), cfg, model_config)
 
