@@ -293,10 +293,12 @@ def initialize(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; full sizes under ZeRO-3 (`ds_numel`), shared ones once."""
+    """(trainable, total) parameters; full sizes under ZeRO-3 (`ds_numel`) and for 4-bit weights
+    (their quantization state's shape: the packed tensor holds two per byte), shared ones once."""
     trainable = total = 0
     for p in model.parameters():
-        n = int(getattr(p, "ds_numel", p.numel()))
+        state = getattr(p, "quant_state", None)
+        n = int(getattr(p, "ds_numel", torch.Size(state.shape).numel() if state is not None else p.numel()))
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
