@@ -14,6 +14,7 @@ loop can skip an update whose loss was not finite without touching the Adam mome
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
@@ -25,7 +26,7 @@ import torch
 import kernels
 from llmtrain.config import JobConfig
 from llmtrain.errors import UserError
-from llmtrain.model.decoder import Decoder
+from llmtrain.model.decoder import Decoder, no_init
 from llmtrain.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -139,11 +140,17 @@ def prepare_deepspeed_runtime(on_gpu: bool) -> None:
 
 def build_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optional[Callable[[], Iterable]] = None):
     """Construct the decoder; under ZeRO-3 inside `deepspeed.zero.Init` so every rank only ever
-    holds its partition. `weights()` (the base's (name, tensor) pairs) are loaded afterwards."""
+    holds its partition. With `weights()` (the base's (name, tensor) pairs) nothing is
+    initialised randomly: ZeRO 0-2 build on the meta device and take each loaded tensor as the
+    parameter's storage; ZeRO-3 builds uninitialised partitions and copies each rank's slice."""
     import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
 
     if cfg.zero.stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if cfg.zero.offload_params else None):
+            with no_init() if weights is not None else contextlib.nullcontext():
+                model = Decoder(model_config)
+    elif weights is not None:
+        with torch.device("meta"):
             model = Decoder(model_config)
     else:
         model = Decoder(model_config)
@@ -173,26 +180,54 @@ def frozen_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optiona
 
 
 def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int, rank: int) -> int:
-    """Copy named tensors into `model`; under ZeRO-3 each parameter is gathered, filled on rank 0
-    and re-partitioned, one at a time. Every rank must iterate the same names. Returns the count."""
+    """Fill `model`'s parameters from named tensors (fp32 or whatever dtype the parameter has);
+    every parameter must come once (a tied LM head comes with its embedding). Returns the count.
+
+    A parameter on the meta device (ZeRO 0-2 `build_model`) takes the tensor itself as its
+    storage: safetensors already read it into memory of its own, so a second full copy is not
+    made (only a dtype conversion, e.g. a bf16 checkpoint trained in fp32). Under ZeRO-3 each
+    rank copies its own slice of the flattened tensor into its partition (`ds_tensor`, the
+    layout `zero.Init` partitions with): no collective and no whole parameter on any rank."""
     params = dict(model.named_parameters())
     count = 0
-    if zero_stage != 3:
-        for name, tensor in tensors:
-            with torch.no_grad():
-                params[name].copy_(tensor.to(params[name].dtype))
-            count += 1
-        return count
-    import deepspeed  # ~3 s; the driver and `llmtrain --help` never need it
-
     for name, tensor in tensors:
         param = params[name]
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                with torch.no_grad():
-                    param.copy_(tensor.to(param.dtype))
+        with torch.no_grad():
+            if zero_stage == 3 and hasattr(param, "ds_tensor"):
+                _fill_partition(param, tensor)
+            elif param.is_meta:
+                _assign(model, name, torch.nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad))
+            else:
+                param.copy_(tensor.to(param.dtype))
         count += 1
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # the LM head re-shares the embedding's new Parameter
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise UserError(f"the base's weights have no tensor {left[0]} ({len(left)} missing); the weights are incomplete")
     return count
+
+
+def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name) if module_name else model, leaf, param)
+
+
+def _fill_partition(param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+    """This rank's slice of `tensor` into ZeRO-3 parameter `param`'s partition: rank r of the
+    parameter's group holds elements [r * size, (r + 1) * size) of the flattened parameter,
+    the last partition padded (deepspeed/runtime/zero/partition_parameters.py _partition_param)."""
+    if tuple(tensor.shape) != tuple(param.ds_shape):
+        raise UserError(f"tensor of shape {tuple(tensor.shape)} for a parameter of shape {tuple(param.ds_shape)}")
+    if getattr(param, "ds_secondary_tensor", None) is not None:  # hpZ's second copy: not laid out here
+        raise NotImplementedError("load_weights: ZeRO++ secondary partitions (zero_hpz_partition_size) are not filled")
+    part = param.ds_tensor
+    size = part.numel()
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    flat = tensor.reshape(-1)
+    n = max(0, min(size, flat.numel() - start))
+    if n:
+        part.narrow(0, 0, n).copy_(flat.narrow(0, start, n))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,9 +108,9 @@ def run(cfg: JobConfig, task: Task, clock: Optional[StartupClock] = None) -> dic
     fpt = data.model_config.flops_per_token(data.seq_len)
     peak = peak_flops(ctx.device, precision) * ctx.world_size
     tokens_per_step = layout.global_batch_size * data.seq_len
+    val_at_start = 0
     if step == 0:
-        task.start(engine, ctx, run_dir)
-        _validate(engine, task, ctx, writer, step)
+        val_at_start = initial_validation(engine, task, ctx, writer, run_dir, cfg.train.val_at_start)
         clock.mark("validation")
     first_step = step + 1
 
@@ -125,12 +125,20 @@ def run(cfg: JobConfig, task: Task, clock: Optional[StartupClock] = None) -> dic
         window_steps += 1
         if step == first_step:
             clock.mark("first_step")
-            writer.write({"step": step - 1, "startup_s": clock.marks, "command_to_first_step_s": clock.total})
+            writer.write(
+                {
+                    "step": step - 1,
+                    "startup_s": clock.marks,
+                    "command_to_first_step_s": clock.total,
+                    "val_micro_batches_at_start": val_at_start,
+                }
+            )
             if ctx.is_main:
                 log.info(
-                    "first optimizer step %.1f s after the command (%s)",
+                    "first optimizer step %.1f s after the command (%s; initial validation: %d micro-batches per rank)",
                     clock.total,
                     ", ".join(f"{k} {v:.1f}" for k, v in clock.marks.items()),
+                    val_at_start,
                 )
         if not result.finite:
             skipped += 1
@@ -211,10 +219,40 @@ def train_step(
     return StepResult(loss, int(n_global), math.isfinite(totals["loss"]), per_unit)
 
 
-def _validate(engine, task: Task, ctx: WorkerContext, writer: MetricsWriter, step: int) -> Optional[float]:
+def initial_validation(engine, task: Task, ctx: WorkerContext, writer: MetricsWriter, run_dir: Path, enabled: bool) -> int:
+    """Before the first step of a fresh run: the task's measurements and the step-0 validation
+    (`train.val_at_start`), at most `train.val_batches` global batches (the task bounds it).
+    Returns the micro-batches this rank evaluated (0: skipped), for the start-up record."""
+    if not enabled:
+        if ctx.is_main:
+            log.info("initial validation skipped (train.val_at_start=false)")
+        return 0
+    task.start(engine, ctx, run_dir)
+    counted: list[int] = []
+    _validate(engine, task, ctx, writer, 0, counted)
+    return sum(counted)
+
+
+class _Counted:
+    """Batches that count the micro-batches drawn from them (into `counts`)."""
+
+    def __init__(self, batches, counts: list[int]):
+        self.batches, self.counts = batches, counts
+
+    def next_step(self):
+        micro_batches = list(self.batches.next_step())
+        self.counts.append(len(micro_batches))
+        return micro_batches
+
+
+def _validate(
+    engine, task: Task, ctx: WorkerContext, writer: MetricsWriter, step: int, counts: Optional[list[int]] = None
+) -> Optional[float]:
     batches = task.validation()
     if batches is None:
         return None
+    if counts is not None:
+        batches = _Counted(batches, counts)
     result = mean_loss(engine, batches, ctx, task.loss, task.count)
     if result is None:
         return None
