@@ -80,7 +80,7 @@ def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock)
     if use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     run_dir = Path(cfg.run.dir)
-    return TorchTrainer(
+    return _trainer_class(TorchTrainer)(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "task": task_name, "startup": clock.state()},
         scaling_config=ScalingConfig(
@@ -101,6 +101,24 @@ def _trainer(cfg: JobConfig, task_name: str, use_gpu: bool, clock: StartupClock)
     )
 
 
+def _trainer_class(torch_trainer: type) -> type:
+    """TorchTrainer without Ray Data's callback: given no datasets, it still starts a
+    DatasetManager actor, one more process importing ray.data (~3 s of CPU) while the workers
+    start (benchmarks/startup.py); nothing here uses it. (A private hook of Ray Train v2; if it
+    moves, the plain TorchTrainer runs.)"""
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return torch_trainer
+
+    class Trainer(torch_trainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+    return Trainer
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray runtime
 
@@ -118,6 +136,13 @@ def start_ray(cfg: JobConfig) -> None:
     # cores (benchmarks/train_throughput.py); 1 s keeps both small.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address is None:
+        # One machine: no node is preempted. Ray Train's watcher is one more actor process
+        # starting while the workers load the model (benchmarks/startup.py).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The raylet prestarts idle workers for the first driver; ours all carry this job's
+        # runtime_env, so those never serve and only take CPU while Ray Train starts.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     if address is None:  # one machine: gloo on loopback (interface names differ between machines)

@@ -78,8 +78,9 @@ def run(cfg: JobConfig, task: Task, clock: Optional[StartupClock] = None) -> dic
     clock.mark("data")
     ds_config = deepspeed_config(cfg, layout, precision, ctx.on_gpu, data.model_config.hidden_size)
     model = build_model(data.model_config, cfg, ds_config, data.weights)
+    clock.mark("model")  # built and loaded: what `from_pretrained` does
     task.select_trainable(model)
-    clock.mark("model")
+    clock.mark("trainable")  # LoRA / freezing (importing peft when LoRA is on)
     engine, guard, grad_norm = initialize(model, cfg, ds_config)
     task.setup(engine, ctx, lambda weights=None: frozen_model(data.model_config, cfg, ds_config, weights or data.weights))
     clock.mark("engine")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -147,8 +148,12 @@ ZERO3_SCRIPT = textwrap.dedent(
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             same[name] = bool(torch.equal(p.data, stored[name].float()))
-    print("RESULT " + json.dumps({"rank": ctx.rank, "calls": len(calls), "local": local, "full": full, "same": same}))
-    torch.distributed.destroy_process_group()
+    result = {"rank": ctx.rank, "calls": len(calls), "local": local, "full": full, "same": same}
+    with open(f"{sys.argv[3]}/rank{ctx.rank}.json", "w") as f:  # one file a rank: printed lines would interleave
+        json.dump(result, f)
+    ctx.barrier()
+    from llmtrain.worker import exit_process
+    exit_process(0)  # past torch's teardown abort (llmtrain/worker.py)
     """
 )
 
@@ -158,9 +163,17 @@ def test_zero3_ranks_fill_only_their_partitions_bit_identical(base, tmp_path):
     script.write_text(ZERO3_SCRIPT)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run([*cmd, str(script), str(base), str(REPO)], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    proc = subprocess.Popen(
+        [*cmd, str(script), str(base), str(REPO), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hung rank: end the whole group, not only torchrun
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     stored = load_file(base / "model.safetensors")
     for r in results:
@@ -219,3 +232,18 @@ def test_val_at_start_is_a_train_setting_defaulting_on():
     assert load_config(REPO / "configs" / "tiny-pretrain.yaml", []).train.val_at_start is True
     cfg = load_config(REPO / "configs" / "tiny-pretrain.yaml", ["train.val_at_start=false"])
     assert cfg.train.val_at_start is False
+
+
+def test_the_ray_trainer_starts_no_ray_data_actor_without_datasets(tmp_path):
+    """No DatasetManager actor (one more process importing ray.data) for a run without Ray
+    Datasets; Ray Train's other callbacks (backend set-up, ...) stay."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from llmtrain.launch import _trainer
+    from llmtrain.metrics import StartupClock
+
+    cfg = load_config(REPO / "configs" / "tiny-pretrain.yaml", [f"run.dir={tmp_path / 'run'}"])
+    trainer = _trainer(cfg, "pretrain", False, StartupClock())
+    callbacks = trainer._create_default_callbacks()
+    assert not any(isinstance(c, DatasetsCallback) for c in callbacks)
+    assert "BackendSetupCallback" in {type(c).__name__ for c in callbacks}
