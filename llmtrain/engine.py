@@ -156,8 +156,7 @@ def build_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optional
         model = Decoder(model_config)
     model.gradient_checkpointing = cfg.model.activation_checkpointing
     if weights is not None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        load_weights(model, weights(), zero_stage=cfg.zero.stage, rank=rank)
+        load_weights(model, weights(), zero_stage=cfg.zero.stage)
     return model
 
 
@@ -179,13 +178,14 @@ def frozen_model(model_config, cfg: JobConfig, ds_config: dict, weights: Optiona
     return model
 
 
-def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int, rank: int) -> int:
+def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], zero_stage: int) -> int:
     """Fill `model`'s parameters from named tensors (fp32 or whatever dtype the parameter has);
     every parameter must come once (a tied LM head comes with its embedding). Returns the count.
 
     A parameter on the meta device (ZeRO 0-2 `build_model`) takes the tensor itself as its
-    storage: safetensors already read it into memory of its own, so a second full copy is not
-    made (only a dtype conversion, e.g. a bf16 checkpoint trained in fp32). Under ZeRO-3 each
+    storage: safetensors returns it backed by a private memory map of the file, so the
+    parameter is that memory (same dtype) or a single conversion of it (e.g. a bf16 checkpoint
+    trained in fp32), never a random init followed by a copy. Under ZeRO-3 each
     rank copies its own slice of the flattened tensor into its partition (`ds_tensor`, the
     layout `zero.Init` partitions with): no collective and no whole parameter on any rank."""
     params = dict(model.named_parameters())
@@ -194,7 +194,7 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
         param = params[name]
         with torch.no_grad():
             if zero_stage == 3 and hasattr(param, "ds_tensor"):
-                _fill_partition(param, tensor)
+                _fill_partition(name, param, tensor)
             elif param.is_meta:
                 _assign(model, name, torch.nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad))
             else:
@@ -213,12 +213,14 @@ def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> Non
     setattr(model.get_submodule(module_name) if module_name else model, leaf, param)
 
 
-def _fill_partition(param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+def _fill_partition(name: str, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
     """This rank's slice of `tensor` into ZeRO-3 parameter `param`'s partition: rank r of the
     parameter's group holds elements [r * size, (r + 1) * size) of the flattened parameter,
     the last partition padded (deepspeed/runtime/zero/partition_parameters.py _partition_param)."""
     if tuple(tensor.shape) != tuple(param.ds_shape):
-        raise UserError(f"tensor of shape {tuple(tensor.shape)} for a parameter of shape {tuple(param.ds_shape)}")
+        raise UserError(
+            f"the base's {name} has shape {tuple(tensor.shape)}, the model's {tuple(param.ds_shape)}; the weights do not match"
+        )
     if getattr(param, "ds_secondary_tensor", None) is not None:  # hpZ's second copy: not laid out here
         raise NotImplementedError("load_weights: ZeRO++ secondary partitions (zero_hpz_partition_size) are not filled")
     part = param.ds_tensor
