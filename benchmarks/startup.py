@@ -10,8 +10,9 @@ benchmarks/.cache/startup/ (git-ignored). The tokenizer is stories260K's 512-tok
 fit the 151,936-row embedding; only the data path's token count depends on it, not the model
 load being measured). Then:
 
-1. `AutoModelForCausalLM.from_pretrained` of that directory (fp32, what llmtrain trains in on
-   CPU; and dtype="auto", bf16 as stored), in a fresh process: the model-load reference.
+1. llmtrain's `build_model` and `AutoModelForCausalLM.from_pretrained` of that directory (fp32,
+   what llmtrain trains in on CPU; and dtype="auto", bf16 as stored), interleaved in one fresh
+   process: the model-load reference.
 2. `llmtrain sft` LoRA r=8 on every projection, 2 Ray workers, ZeRO-2, chat pairs at seq 384,
    global batch 4, once with the initial validation and once with `train.val_at_start=false`.
 3. (optional) benchmarks/train_throughput.py part (a)'s tiny start-up.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -77,46 +79,44 @@ def build_base(work: Path) -> Path:
     return base
 
 
-def time_from_pretrained(base: Path) -> dict:
-    """`AutoModelForCausalLM.from_pretrained` in a fresh process, the call alone (transformers
-    and the Qwen2 modelling module imported first, as llmtrain's workers import theirs first)."""
-    code = (
-        "import json, sys, time, torch, transformers\n"
-        "import transformers.models.qwen2.modeling_qwen2\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "out = {}\n"
-        "for name, dtype in (('fp32', torch.float32), ('auto', 'auto')):\n"
-        "    t = time.perf_counter()\n"
-        "    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype)\n"
-        "    out[name] = round(time.perf_counter() - t, 2)\n"
-        "    del model\n"
-        "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(base)], capture_output=True, text=True, env=_env(), check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"from_pretrained failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+LOAD_CODE = """
+import json, statistics, sys, time, torch, deepspeed, transformers
+import transformers.models.qwen2.modeling_qwen2
+from transformers import AutoModelForCausalLM
+from llmtrain.config import load_config
+from llmtrain.engine import build_model
+from llmtrain.model.hf import iter_model_tensors, load_hf_config
+base, config, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = load_config(config, [f"model.from={base}"])
+mc = load_hf_config(base)
+open(base + "/model.safetensors", "rb").read()  # the file in the page cache for both
+ways = {
+    "llmtrain": lambda: build_model(mc, cfg, {}, lambda: iter_model_tensors(base, mc)),
+    "fp32": lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+    "auto": lambda: AutoModelForCausalLM.from_pretrained(base, dtype="auto"),
+}
+times = {name: [] for name in ways}
+for _ in range(rounds):  # interleaved: the shared machine's load changes under all alike
+    for name, load in ways.items():
+        t = time.perf_counter()
+        model = load()
+        times[name].append(time.perf_counter() - t)
+        del model
+print(json.dumps({name: [round(x, 2) for x in xs] for name, xs in times.items()}))
+"""
 
 
-def time_build_model(base: Path) -> float:
-    """llmtrain's build_model (ZeRO-2 path, one process) of the same directory, for the ratio
-    without Ray or a second rank competing for the cores."""
-    code = (
-        "import sys, time, deepspeed\n"
-        "from llmtrain.config import load_config\n"
-        "from llmtrain.engine import build_model\n"
-        "from llmtrain.model.hf import iter_model_tensors, load_hf_config\n"
-        "cfg = load_config(sys.argv[2], [f'model.from={sys.argv[1]}'])\n"
-        "mc = load_hf_config(sys.argv[1])\n"
-        "t = time.perf_counter()\n"
-        "build_model(mc, cfg, {}, lambda: iter_model_tensors(sys.argv[1], mc))\n"
-        "print(round(time.perf_counter() - t, 2))\n"
-    )
-    cmd = [sys.executable, "-c", code, str(base), str(REPO / "configs" / "tiny-lora.yaml")]
+def time_model_loads(base: Path, rounds: int = 3) -> dict:
+    """llmtrain's `build_model` (the ZeRO-2 path, with the base's weights) and
+    `AutoModelForCausalLM.from_pretrained` (fp32, what llmtrain trains in on CPU; and
+    dtype="auto", bf16 as stored, which leaves the tensors memory-mapped and converts nothing),
+    interleaved `rounds` times in one fresh process with the file in the page cache (each call
+    alone: transformers, the Qwen2 module and DeepSpeed imported first). {way: [seconds]}."""
+    cmd = [sys.executable, "-c", LOAD_CODE, str(base), str(REPO / "configs" / "tiny-lora.yaml"), str(rounds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"build_model failed:\n{proc.stderr[-3000:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"model loads failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _env() -> dict:
@@ -205,9 +205,8 @@ def main() -> int:
     base = build_base(work)
     results: dict = {"load_average_start": _load()}
 
-    print("timing from_pretrained and build_model ...", flush=True)
-    results["from_pretrained_s"] = time_from_pretrained(base)
-    results["build_model_s"] = time_build_model(base)
+    print("timing build_model and from_pretrained (interleaved) ...", flush=True)
+    results["loads_s"] = time_model_loads(base)
     print("running llmtrain sft with the initial validation ...", flush=True)
     results["with_val"] = run_job(base, work, "with-val", [], args.timeout)
     print("running llmtrain sft with train.val_at_start=false ...", flush=True)
@@ -217,12 +216,17 @@ def main() -> int:
         results["tiny"] = tiny_startup(args.timeout)
     results["load_average_end"] = _load()
 
-    ref = results["from_pretrained_s"]["fp32"]
+    loads = {name: statistics.median(xs) for name, xs in results["loads_s"].items()}
+    ref = loads["fp32"]
     print(f"\nload average {results['load_average_start']} at start, {results['load_average_end']} at end (2 cores shared)")
-    print(f"from_pretrained (fp32) {ref:.2f} s, (dtype=auto, bf16 as stored) {results['from_pretrained_s']['auto']:.2f} s")
-    ratio = results["build_model_s"] / ref
     print(
-        f"llmtrain build_model, one process: {results['build_model_s']:.2f} s = {ratio:.2f}x from_pretrained, {verdict(ratio, TARGETS['load_ratio'])}"
+        f"model load, median of {len(results['loads_s']['fp32'])} interleaved: from_pretrained fp32 {ref:.2f} s "
+        f"{results['loads_s']['fp32']}, dtype=auto {loads['auto']:.2f} s {results['loads_s']['auto']}"
+    )
+    ratio = loads["llmtrain"] / ref
+    print(
+        f"llmtrain build_model {loads['llmtrain']:.2f} s {results['loads_s']['llmtrain']} = {ratio:.2f}x "
+        f"from_pretrained fp32, {verdict(ratio, TARGETS['load_ratio'])}"
     )
     for key, title, target in (
         ("with_val", "with the initial validation", TARGETS["with_val"]),

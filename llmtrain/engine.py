@@ -14,12 +14,14 @@ loop can skip an update whose loss was not finite without touching the Adam mome
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -190,6 +192,8 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
     layout `zero.Init` partitions with): no collective and no whole parameter on any rank."""
     params = dict(model.named_parameters())
     count = 0
+    if zero_stage != 3:  # read and convert in parallel where this process has threads
+        tensors = _converted(tensors, lambda name: params[name].dtype, min(4, torch.get_num_threads()))
     for name, tensor in tensors:
         param = params[name]
         with torch.no_grad():
@@ -206,6 +210,28 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
     if left:
         raise UserError(f"the base's weights have no tensor {left[0]} ({len(left)} missing); the weights are incomplete")
     return count
+
+
+def _converted(
+    tensors: Iterable[tuple[str, torch.Tensor]], dtype_of: Callable[[str], torch.dtype], workers: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs in order, each read from its memory map and converted to
+    `dtype_of(name)` by a pool of `workers` threads (torch releases the GIL while it copies),
+    at most 2 x workers ahead: transformers' from_pretrained loads with such a pool
+    (core_model_loading.GLOBAL_WORKERS). One thread (a Ray worker of one CPU): in this thread."""
+    if workers <= 1:
+        yield from tensors
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque = collections.deque()
+        for name, tensor in tensors:
+            pending.append((name, pool.submit(tensor.to, dtype_of(name))))
+            if len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
