@@ -39,7 +39,8 @@ rank (a probe is stopped as soon as a rank passes the cap). Any run is stopped i
 MemAvailable drops under --min-available-gib (the machine is shared).
 
 Targets (issue 12): (a) >= 1.3x (b) tokens/s; (a) <= 0.6x (b) peak RSS at the same micro-batch;
-(a)'s largest micro-batch >= 2x (b)'s. Everything lands in WORK/results/summary.json.
+(a)'s largest micro-batch >= 2x (b)'s. Every number lands in WORK/results/summary-<start time>.json
+(results/summary.json: the latest).
 """
 
 from __future__ import annotations
@@ -722,7 +723,11 @@ def target_checks(results: dict, bisect: dict) -> tuple[list[str], list[dict]]:
     for mode in ("lora", "full"):
         ba, bb = bisect.get(f"a-{mode}"), bisect.get(f"b-{mode}")
         if ba and bb and not ba.get("inconclusive") and not bb.get("inconclusive"):
-            if bb["largest"] == 0:
+            if ba["largest"] == bb["largest"] == 0:
+                lines.append(
+                    f"{mode}: largest micro-batch under the cap: neither side fits micro-batch 1   target >= 2x: NOT met"
+                )
+            elif bb["largest"] == 0:
                 lines.append(f"{mode}: largest micro-batch under the cap: (a) {ba['largest']}, (b) none fits   target >= 2x: "
                              f"{'met' if ba['largest'] >= 1 else 'NOT met'}")  # fmt: skip
             else:
@@ -824,7 +829,7 @@ def main() -> int:
         print_profiles(profiles)
     total = time.time() - started
     print(f"load average at end: {load_average()}; total {total:.0f} s; logs in {args.work / 'logs'}")
-    summary = args.work / "results" / "summary.json"
+    summary = args.work / "results" / f"summary-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(
         json.dumps(
@@ -833,7 +838,10 @@ def main() -> int:
             indent=1,
         )
     )  # fmt: skip
-    print(f"numbers: {summary}")
+    latest = summary.with_name("summary.json")
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(summary.name)
+    print(f"numbers: {summary} (also results/summary.json, the latest)")
     failed = [x for x in results if x != "c-lora" and "error" in results[x]]
     return 1 if failed else 0
 
