@@ -718,6 +718,12 @@ def target_checks(results: dict, bisect: dict) -> tuple[list[str], list[dict]]:
                 ">=",
                 1.3,
             )
+            ca, cb = a["cpu_share"], b["cpu_share"]
+            if abs(ca - cb) > 0.15 * max(ca, cb):
+                lines.append(
+                    f"  ^ {mode}: the two runs got different CPU shares ((a) {ca:.2f}, (b) {cb:.2f} of a core per rank): "
+                    "others were using the CPUs, so the tokens/s ratio measures them; trust the per-CPU-second one"
+                )
         pa, pb = max(a["peak_rss_gib"].values()), max(b["peak_rss_gib"].values())
         check(f"{mode}: peak RSS (a)/(b), max over ranks, micro {a['micro_batch']}", pa / pb, "<=", 0.6)
     for mode in ("lora", "full"):
