@@ -39,6 +39,9 @@ from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import fused_parts, load_hf_config
 from llmtrain.model.model_config import ModelConfig
+from llmtrain.model.quantize import quiet_bitsandbytes_probe
+
+quiet_bitsandbytes_probe()  # before anything here imports peft, which imports bitsandbytes
 
 PREFIX = "base_model.model."  # what PeftModel adds in front of the base model's names
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -167,6 +170,8 @@ def write_adapter(
         state, config = fuse_adapter(state, config, model_config)
     config.base_model_name_or_path = base
     config.inference_mode = True
+    if isinstance(config.target_modules, (set, list)):  # peft keeps a set: its order varies with the hash seed
+        config.target_modules = sorted(config.target_modules)
     with atomic_dir(output, replace=True) as tmp:
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))

@@ -15,6 +15,7 @@ LoRA adapters (llmtrain/model/lora.py) wrap the 4-bit layers like any Linear.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Optional
 
@@ -26,23 +27,34 @@ from llmtrain.errors import UserError
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights (the QLoRA paper's)
 
 
+def quiet_bitsandbytes_probe() -> None:
+    """bitsandbytes' CPU backend logs a warning on import when our top-level `kernels` package
+    shadows Hugging Face's `kernels` (it looks there for an optional prebuilt kernel, which could
+    not be downloaded offline anyway). peft and transformers import bitsandbytes whenever it is
+    installed, so this runs before them (llmtrain/model/lora.py) and here: that one logger only."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _missing(detail: str) -> UserError:
+    return UserError(
+        f"lora.quantize needs bitsandbytes ({detail}); install it with `pip install 'llmtrain[qlora]'`, "
+        "or drop lora.quantize to train LoRA on the full-precision base"
+    )
+
+
+def check_bitsandbytes() -> None:
+    """The driver's check that bitsandbytes is installed, without importing it (~3 s)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise _missing("not installed")
+
+
 def import_bitsandbytes():
-    """bitsandbytes, or a one-line error naming the install. Its CPU backend logs a warning on
-    import when our own top-level `kernels` package shadows Hugging Face's `kernels` (it looks
-    for an optional prebuilt kernel there, which could not be downloaded offline anyway): that
-    one logger is quieted for the import."""
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    """bitsandbytes, or a one-line error naming the install."""
+    quiet_bitsandbytes_probe()
     try:
         import bitsandbytes
     except ImportError as err:
-        raise UserError(
-            f"lora.quantize needs bitsandbytes ({err}); install it with `pip install 'llmtrain[qlora]'`, "
-            "or drop lora.quantize to train LoRA on the full-precision base"
-        ) from None
-    finally:
-        quiet.setLevel(level)
+        raise _missing(str(err)) from None
     return bitsandbytes
 
 

@@ -51,8 +51,8 @@ from llmtrain.export import export, pick_checkpoint
 from llmtrain.metrics import read_metrics
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import load_hf_config
-from llmtrain.model.lora import apply_lora, expected_shapes, peft_adapter_state, write_adapter
-from llmtrain.model.quantize import import_bitsandbytes, quantize_base, quantized_bytes
+from llmtrain.model.lora import apply_lora, expected_shapes, peft_adapter_state, resolve_targets, write_adapter
+from llmtrain.model.quantize import check_bitsandbytes, quantize_base, quantized_bytes
 from llmtrain.tasks.base import Plan, Task, TaskData, model_source
 from llmtrain.worker import WorkerContext
 
@@ -437,11 +437,17 @@ def select_trainable(model: torch.nn.Module, cfg: JobConfig, model_config, seed:
 
 
 def check_plan(cfg: JobConfig, model_config) -> None:
-    """Run `select_trainable` on a meta-device model: pattern mistakes surface on the driver."""
+    """Pattern mistakes surface on the driver, on a meta-device model: LoRA's target modules
+    through our own resolver (importing peft to inject them costs the driver 4-10 s, workers pay
+    it anyway), freezing through `select_trainable` itself."""
     if cfg.lora is not None and cfg.lora.quantize is not None:
-        import_bitsandbytes()  # installed? (a one-line error before workers start)
+        check_bitsandbytes()  # installed? (a one-line error before workers start)
     with torch.device("meta"):
-        select_trainable(Decoder(model_config), cfg, model_config)
+        model = Decoder(model_config)
+    if cfg.lora is not None and not (cfg.finetune.freeze or cfg.finetune.freeze_layers):
+        resolve_targets(model, cfg.lora, model_config.tie_word_embeddings)
+        return
+    select_trainable(model, cfg, model_config)
 
 
 def print_report(run_dir: str | Path) -> Optional[dict]:
