@@ -29,6 +29,7 @@ import kernels
 from llmtrain.config import JobConfig
 from llmtrain.errors import UserError
 from llmtrain.model.decoder import Decoder, no_init
+from llmtrain.model.quantize import numel as quantized_numel
 from llmtrain.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -360,8 +361,7 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     (their quantization state's shape: the packed tensor holds two per byte), shared ones once."""
     trainable = total = 0
     for p in model.parameters():
-        state = getattr(p, "quant_state", None)
-        n = int(getattr(p, "ds_numel", torch.Size(state.shape).numel() if state is not None else p.numel()))
+        n = int(getattr(p, "ds_numel", None) or quantized_numel(p))
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -108,6 +108,11 @@ def is_quantized(param: torch.Tensor) -> bool:
     return getattr(param, "quant_state", None) is not None and getattr(param, "bnb_quantized", False)
 
 
+def numel(param: torch.Tensor) -> int:
+    """The parameters `param` stands for: a 4-bit weight's packed tensor holds two per byte."""
+    return int(torch.Size(param.quant_state.shape).numel()) if is_quantized(param) else param.numel()
+
+
 def holds_quantized(model: nn.Module) -> bool:
     return any(is_quantized(p) for p in model.parameters())
 
@@ -119,7 +124,7 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
         if not is_quantized(p):
             continue
         state = p.quant_state
-        params += int(torch.Size(state.shape).numel())
+        params += numel(p)
         held += p.numel() * p.element_size()
         tensors = [state.absmax, state.code]
         if state.nested:

@@ -47,7 +47,7 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine import Layout, param_counts, resolve_precision, trainable_state
 from llmtrain.errors import UserError
 from llmtrain.evaluate import choice_accuracy, format_report, prepared_val_loss
-from llmtrain.export import export, pick_checkpoint
+from llmtrain.export import DTYPES, export, pick_checkpoint
 from llmtrain.metrics import read_metrics
 from llmtrain.model.decoder import Decoder
 from llmtrain.model.hf import load_hf_config
@@ -187,8 +187,7 @@ class SFTTask(Task):
     def select_trainable(self, model: torch.nn.Module) -> None:
         lora = self.cfg.lora
         if lora is not None and lora.quantize is not None:
-            precision = resolve_precision(self.cfg, self.ctx.on_gpu)
-            compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+            compute = DTYPES[resolve_precision(self.cfg, self.ctx.on_gpu)]
             layers = quantize_base(model, lora.quantize, lora.double_quant, compute, self.ctx.device)
             if self.cfg.model.activation_checkpointing is None:
                 model.gradient_checkpointing = True  # as peft's prepare_model_for_kbit_training
