@@ -130,6 +130,11 @@ class TrainSection(Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(default=0.2, gt=0, le=1)
     """WSD only: the final fraction of steps over which the LR decays to min_lr."""
+    schedule_offset: int = Field(default=0, ge=0)
+    """Continue a schedule instead of starting one: this run's step s takes the LR of step
+    s + schedule_offset of a (schedule_offset + max_steps)-step schedule, so no second warmup
+    (Megatron's checkpoint scheduler). For continued pretraining on a base run's schedule, set it
+    to the base's steps; 0 (default): a fresh schedule, warmup included."""
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -215,6 +220,12 @@ class LoraSection(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = Field(default_factory=list)
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023,
+    https://arxiv.org/abs/2312.03732; peft's use_rslora): the update's size stops shrinking with r."""
+    loraplus_lr_ratio: float = Field(default=1.0, gt=0)
+    """LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): the B matrices train at
+    train.lr x this ratio, the A matrices at train.lr (the paper's advice: 16; 1 = plain LoRA)."""
     quantize: Optional[Literal["nf4", "fp4"]] = None
     """QLoRA: hold the frozen base's Linear layers in 4 bits (bitsandbytes Linear4bit, NF4 or FP4
     with blocks of 64; Dettmers et al. 2023, https://arxiv.org/abs/2305.14314); the adapters,

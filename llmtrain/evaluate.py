@@ -53,7 +53,7 @@ def answer_logprobs(forward: Forward, rows: Sequence[tuple[np.ndarray, np.ndarra
     return (logp * mask[:, 1:].to(device)).sum(dim=1).cpu()
 
 
-def choice_accuracy(
+def choice_scores(
     forward: Forward,
     choices,
     limit: int,
@@ -63,16 +63,18 @@ def choice_accuracy(
     pad_id: int,
     device,
     all_reduce: Callable[[list[float]], list[float]],
-) -> Optional[float]:
-    """Accuracy over the first `limit` examples of `choices` (llmtrain.data.sft.Choices), split
-    over ranks; every rank runs the same number of forward passes."""
+) -> Optional[dict[str, float]]:
+    """{"accuracy", "macro_f1"} over the first `limit` examples of `choices`
+    (llmtrain.data.sft.Choices), split over ranks; every rank runs the same number of forward
+    passes. Macro-F1 is the mean over the labels of each label's F1 (a label never gold nor
+    predicted counts 0), so a model that answers one label everywhere scores about 1/k of it."""
     if choices is None:
         return None
     n = min(limit, len(choices.gold))
     k = len(choices.labels)
     mine = list(range(rank, n, world_size))
     passes = math.ceil(math.ceil(n / world_size) / batch_examples)
-    correct = 0
+    confusion = np.zeros((k, k), dtype=np.float64)  # [gold, predicted]
     for p in range(passes):
         batch = mine[p * batch_examples : (p + 1) * batch_examples]
         rows = [choices.candidate(e * k + j) for e in batch for j in range(k)]
@@ -80,9 +82,16 @@ def choice_accuracy(
             answer_logprobs(forward, [(np.asarray([pad_id]), np.asarray([0]))], pad_id, device)
             continue
         scores = answer_logprobs(forward, rows, pad_id, device).view(len(batch), k)
-        correct += int((scores.argmax(dim=1).numpy() == np.asarray(choices.gold)[batch]).sum())
-    total_correct, total = all_reduce([float(correct), float(len(mine))])
-    return total_correct / total if total else None
+        np.add.at(confusion, (np.asarray(choices.gold)[batch], scores.argmax(dim=1).numpy()), 1)
+    confusion = np.asarray(all_reduce(confusion.ravel().tolist()), dtype=np.float64).reshape(k, k)
+    total = confusion.sum()
+    if not total:
+        return None
+    hits = np.diag(confusion)
+    f1 = np.divide(
+        2 * hits, confusion.sum(0) + confusion.sum(1), out=np.zeros(k), where=(confusion.sum(0) + confusion.sum(1)) > 0
+    )
+    return {"accuracy": float(hits.sum() / total), "macro_f1": float(f1.mean())}
 
 
 def count_labels(micro_batch: dict[str, torch.Tensor]) -> int:
@@ -203,9 +212,9 @@ def task_accuracy(model, model_dir: str | Path, data, limit: int = 1000, seq_len
             "shorten the records or the template"
         )
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    acc = choice_accuracy(lambda ids: model(ids), choices, limit, 0, 1, 16, pad, torch.device("cpu"), lambda v: list(v))
+    scores = choice_scores(lambda ids: model(ids), choices, limit, 0, 1, 16, pad, torch.device("cpu"), lambda v: list(v))
     examples = len(choices.gold)
-    return {"accuracy": acc, "examples": examples, "skipped_too_long": len(order) - examples, "labels": list(label_words)}
+    return {**scores, "examples": examples, "skipped_too_long": len(order) - examples, "labels": list(label_words)}
 
 
 def generations(
@@ -302,6 +311,7 @@ def format_report(report: dict) -> str:
     lines = [f"fine-tuning report ({report['report']})", f"  {'':34s}{'before':>10s}{'after':>10s}"]
     rows = [
         ("task accuracy (label log-prob)", "accuracy"),
+        ("task macro-F1", "macro_f1"),
         ("held-out reward accuracy", "reward_accuracy"),
         ("held-out reward margin", "reward_margin"),
         ("task validation loss", "val_loss"),

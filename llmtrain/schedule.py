@@ -4,6 +4,8 @@ cosine:   1 -> min_lr_ratio along half a cosine over the steps after warmup
 wsd:      warmup, stable at 1, then linear decay to min_lr_ratio over the final
           `decay_fraction` of the steps (warmup-stable-decay, as in MiniCPM / OLMo 2)
 constant: warmup, then 1
+With `schedule_offset` k, step s is step s + k of the same schedule over max_steps + k steps
+(a continued schedule).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from llmtrain.config import TrainSection
 
 def lr_multiplier(step: int, train: TrainSection) -> float:
     """Multiplier of `train.lr` for optimizer step `step` (0-based: the first update uses step 0)."""
-    total, warmup, floor = train.max_steps, train.warmup_steps, train.min_lr_ratio
+    step += train.schedule_offset
+    total, warmup, floor = train.max_steps + train.schedule_offset, train.warmup_steps, train.min_lr_ratio
     if warmup and step < warmup:
         return (step + 1) / warmup
     if train.schedule == "constant":

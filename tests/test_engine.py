@@ -207,6 +207,10 @@ def test_lr_schedules():
     assert lr_multiplier(99, w) == pytest.approx(0.1)
     c = t.model_copy(update={"schedule": "constant"})
     assert lr_multiplier(99, c) == 1.0
+    # a continued schedule: 40 steps after 60 are the last 40 of the 100-step one, no warmup
+    for kind in (t, w):
+        cont = kind.model_copy(update={"max_steps": 40, "schedule_offset": 60})
+        assert [lr_multiplier(s, cont) for s in range(40)] == [lr_multiplier(60 + s, kind) for s in range(40)]
 
 
 def test_global_batch_must_divide():
@@ -214,3 +218,19 @@ def test_global_batch_must_divide():
     assert batch_layout(cfg, 1).grad_accum == 5
     with pytest.raises(UserError, match="not divisible by train.micro_batch_size x workers = 2 x 2"):
         batch_layout(cfg, 2)
+
+
+def test_loraplus_trains_b_at_ratio_times_the_lr():
+    from llmtrain.tasks.sft import select_trainable
+
+    cfg = load_config(None, ["lora.r=4", "lora.loraplus_lr_ratio=16", "lora.target_modules=[q_proj, down_proj]"])
+    model_config = ModelConfig.from_preset("tiny", vocab_size=512, num_hidden_layers=2)
+    model = Decoder(model_config)
+    select_trainable(model, cfg, model_config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.0, lr=1e-3)
+    by_lr = {g.get("lr", 1e-3): {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_lr) == {1e-3, 16e-3}
+    assert by_lr[16e-3] and all(".lora_B." in n for n in by_lr[16e-3])
+    assert by_lr[1e-3] and all(".lora_A." in n for n in by_lr[1e-3])
+    assert len(by_lr[16e-3]) == len(by_lr[1e-3]) == 4  # q_proj and down_proj of 2 blocks

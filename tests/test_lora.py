@@ -1,7 +1,8 @@
 """LoRA end to end through the Ray launcher on 2 CPU workers, fine-tuning the released
 stories260K checkpoint: ZeRO-2 and ZeRO-3, PEFT-format adapters that `peft` loads with our
 logits, a merged export equal to the adapter model, every saved tensor's shape under ZeRO-3,
-and a stopped-and-resumed LoRA run that follows an uninterrupted one.
+and a stopped-and-resumed LoRA run that follows an uninterrupted one (all with rsLoRA scaling
+and LoRA+'s faster B).
 
 Three jobs in one Ray session keep this affordable: ZeRO-3 straight through, and ZeRO-2 stopped
 at step 3 then resumed (ZeRO-2 and ZeRO-3 agree to ~1e-7 here, so the resumed run must track the
@@ -37,6 +38,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         f"data.cache_dir={root / 'cache'}",
         f"train.max_steps={STEPS}",
         "train.val_batches=1",
+        "lora.rslora=true",  # alpha/sqrt(r): peft must read the same scale from adapter_config.json, the merge use it
+        "lora.loraplus_lr_ratio=4",
     ]
     out = {name: root / name for name in ("zero2", "zero3")}
     ray_jobs(
@@ -101,7 +104,8 @@ def test_adapter_loads_in_peft_with_our_logits_and_merge_equals_it(runs, tmp_pat
     # the adapter written at the end of the run (gathered from the live model) is the exported one
     at_end, exported = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert at_end.keys() == exported.keys() and all(torch.equal(at_end[k], exported[k]) for k in at_end)
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(STORIES260K)
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(STORIES260K) and written["use_rslora"] is True
     # --merge: a plain transformers model equal to base + adapter
     if stage == 3:  # through the command line once
         proc = llmtrain("export", str(run), "--output", str(tmp_path / "merged"), "--merge")

@@ -33,7 +33,7 @@ def test_accuracy_scores_each_label_word_like_transformers(sentiment):
 
     hf, tok = AutoModelForCausalLM.from_pretrained(STORIES260K).eval(), AutoTokenizer.from_pretrained(STORIES260K)
     records = [json.loads(line) for line in sentiment.read_text().splitlines()[:24]]
-    correct = 0
+    correct, pairs = 0, []
     for r in records:
         scores = {}
         for label, word in words.items():
@@ -45,7 +45,14 @@ def test_accuracy_scores_each_label_word_like_transformers(sentiment):
                 logp = torch.log_softmax(hf(torch.tensor([full])).logits[0, :-1].float(), -1)
             scores[label] = sum(logp[t - 1, full[t]].item() for t in range(len(prompt), len(full)))
         correct += max(scores, key=scores.get) == r["label"]
+        pairs.append((r["label"], max(scores, key=scores.get)))
     assert ours["accuracy"] == pytest.approx(correct / len(records))
+    f1 = []
+    for label in words:
+        tp = sum(g == p == label for g, p in pairs)
+        gold, predicted = sum(g == label for g, _ in pairs), sum(p == label for _, p in pairs)
+        f1.append(2 * tp / (gold + predicted) if gold + predicted else 0.0)
+    assert ours["macro_f1"] == pytest.approx(sum(f1) / len(f1))
 
 
 def test_perplexity_is_low_in_domain_and_high_out_of_domain(tmp_path, shared_dir):

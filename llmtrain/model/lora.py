@@ -117,6 +117,7 @@ def lora_config(section, targets: list[str], base: Optional[str] = None, inferen
         target_modules=targets,
         bias=section.bias,
         modules_to_save=list(section.modules_to_save) or None,
+        use_rslora=section.rslora,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base,
         inference_mode=inference,

@@ -42,8 +42,9 @@ from llmtrain.errors import UserError
 from llmtrain.evaluate import mean_loss
 from llmtrain.model.hf import iter_model_tensors, load_hf_config
 from llmtrain.tasks.base import MicroBatch, Plan, TaskData
+from llmtrain.tasks.base_model import export_base, resolve_base
 from llmtrain.tasks.dpo_loss import batch_logprobs, pair_values, preference_loss
-from llmtrain.tasks.sft import POINTER, SFTTask, export_base, resolve_base
+from llmtrain.tasks.sft import POINTER, SFTTask
 from llmtrain.worker import WorkerContext
 
 REFERENCE_FILE = "reference_logps.npz"

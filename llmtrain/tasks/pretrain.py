@@ -1,11 +1,14 @@
 """The `pretrain` task: next-token prediction on prepared token shards (`llmtrain prepare`).
 
     llmtrain pretrain configs/tiny-pretrain.yaml data.path=data/ run.dir=runs/tiny
-    llmtrain pretrain configs/tiny-pretrain.yaml data.path=domain/ model.from=runs/tiny   # continued
+    llmtrain pretrain configs/tiny-pretrain.yaml data.path=domain/ model.from=runs/tiny run.dir=runs/tiny-domain
 
 `data.path` (or a weighted `data.mixture`) is read by the deterministic, rank-sharded loader
-(llmtrain/data/loader.py); the model is `model.preset` at random init, or the weights of
-`model.from` (a Hugging Face directory) for continued pretraining.
+(llmtrain/data/loader.py); the model is `model.preset` at random init, or, for continued
+(domain-adaptive) pretraining, the weights of `model.from`: one of our runs or checkpoints
+(exported once to RUN_DIR/base/) or a released Hugging Face directory. The data must be prepared
+with that model's tokenizer; the loader starts at the new data's beginning, the optimizer fresh,
+and the LR schedule fresh (warmup again) unless `train.schedule_offset` continues the base's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from llmtrain.data.shards import check_fits_model
 from llmtrain.engine import Layout
 from llmtrain.errors import UserError
 from llmtrain.tasks.base import Batches, Plan, Task, TaskData, model_source
+from llmtrain.tasks.base_model import base_dir, resolve_base
 from llmtrain.worker import WorkerContext
 
 
@@ -30,10 +34,10 @@ class PretrainTask(Task):
         self._driver_train = train = self._loader(
             cfg, "train", True, layout.grad_accum, 0, layout.world_size, layout.micro_batch_size
         )
-        model_config, _ = model_source(cfg, train.vocab_size, train.seq_len)
+        base, _ = resolve_base(cfg, Path(cfg.run.dir))  # one of our runs: exported to RUN_DIR/base/ once
+        model_config, _ = model_source(cfg, train.vocab_size, train.seq_len, base)
         # Before any worker starts: the model's vocabulary (and model.from's tokenizer) against every source.
-        base = Path(cfg.model.from_) if cfg.model.from_ else None
-        model = f"model.from={base}" if base is not None else f"model.preset={cfg.model.preset}"
+        model = f"model.from={cfg.model.from_}" if base is not None else f"model.preset={cfg.model.preset}"
         fix = f"prepare the data with --tokenizer {base}" if base is not None else "re-run `llmtrain prepare ... --force`"
         for data in train.data:
             check_fits_model(data, model_config.vocab_size, model, base, fix)
@@ -48,7 +52,7 @@ class PretrainTask(Task):
         if train.has_split("val"):
             # val_batches global batches, split over ranks like training: the same rows at any world size
             self._val = (cfg, cfg.train.val_batches * layout.grad_accum, ctx.rank, ctx.world_size, layout.micro_batch_size)
-        model_config, weights = model_source(cfg, train.vocab_size, train.seq_len)
+        model_config, weights = model_source(cfg, train.vocab_size, train.seq_len, base_dir(cfg))
         return TaskData(model_config, train, train.seq_len, Path(train.tokenizer_dir), weights)
 
     def validation(self) -> Optional[Batches]:

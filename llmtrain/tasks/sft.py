@@ -29,14 +29,12 @@ import json
 import logging
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llmtrain import checkpoint
 from llmtrain.config import JobConfig
 from llmtrain.data.atomic import atomic_write_json
 from llmtrain.data.chat import resolve_template
@@ -46,14 +44,14 @@ from llmtrain.data.shards import open_prepared
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine import Layout, param_counts, resolve_precision, trainable_state
 from llmtrain.errors import UserError
-from llmtrain.evaluate import choice_accuracy, format_report, prepared_val_loss
-from llmtrain.export import DTYPES, export, pick_checkpoint
+from llmtrain.evaluate import choice_scores, format_report, prepared_val_loss
+from llmtrain.export import DTYPES
 from llmtrain.metrics import read_metrics
 from llmtrain.model.decoder import Decoder
-from llmtrain.model.hf import load_hf_config
 from llmtrain.model.lora import apply_lora, expected_shapes, peft_adapter_state, resolve_targets, write_adapter
 from llmtrain.model.quantize import check_bitsandbytes, quantize_base, quantized_bytes
 from llmtrain.tasks.base import Plan, Task, TaskData, model_source
+from llmtrain.tasks.base_model import resolve_base
 from llmtrain.worker import WorkerContext
 
 log = logging.getLogger("llmtrain")
@@ -61,7 +59,6 @@ log = logging.getLogger("llmtrain")
 POINTER = "sft-data.json"
 REPORT = "finetune_report.json"
 BEFORE = "finetune_before.json"
-BASE_MARKER = "llmtrain_base.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +206,7 @@ class SFTTask(Task):
         """Task accuracy (labelled data) and the base's pretraining validation loss (forgetting)."""
         layout = self.layout
         engine.module.train(False)
-        acc = choice_accuracy(
+        scores = choice_scores(
             lambda ids: engine(ids),
             Choices.open(self.cache),
             self.cfg.finetune.eval_examples,
@@ -231,7 +228,7 @@ class SFTTask(Task):
                 ctx,
                 self.cfg.run.seed,
             )
-        return {"accuracy": acc, "base_val_loss": base_val}
+        return {**(scores or {"accuracy": None}), "base_val_loss": base_val}
 
     def start(self, engine, ctx: WorkerContext, run_dir: Path) -> None:
         before = self.measure(engine, ctx)
@@ -283,43 +280,6 @@ class SFTTask(Task):
         if before.get("base_val_loss") is not None and after.get("base_val_loss") is not None:
             report["forgetting"] = after["base_val_loss"] - before["base_val_loss"]
         return report
-
-
-# ---------------------------------------------------------------------------------------------
-# The base model
-
-
-def resolve_base(cfg: JobConfig, run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
-    """(Hugging Face dir of the base, meta of our source checkpoint if the base is one of ours)."""
-    if not cfg.model.from_:
-        return None, None
-    source = Path(cfg.model.from_).expanduser().resolve()
-    base = export_base(source, run_dir / "base", "model.from")
-    return base, (None if base == source else checkpoint.read_meta(pick_checkpoint(source)))
-
-
-def export_base(source: Path, target: Path, key: str) -> Path:
-    """A Hugging Face directory for `source`: itself, or (one of our runs or checkpoints) its
-    checkpoint exported once to `target` (LoRA runs merged), reused while the source is the same."""
-    if (source / "config.json").is_file():
-        load_hf_config(source)  # unsupported architectures: one line, now
-        return source
-    if not source.is_dir() or not ((source / checkpoint.META).is_file() or (source / checkpoint.CHECKPOINTS).is_dir()):
-        raise UserError(
-            f"{key}={source}: not a Hugging Face model directory (config.json), one of our run directories "
-            "or a checkpoint directory"
-        )
-    ckpt = pick_checkpoint(source)
-    meta = checkpoint.read_meta(ckpt)
-    marker = {"source": str(ckpt.resolve()), "step": meta["step"]}
-    if (target / BASE_MARKER).is_file() and json.loads((target / BASE_MARKER).read_text()) == marker:
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    lora_run = (meta.get("config") or {}).get("lora")
-    print(f"llmtrain: exporting {key} {ckpt} to {target}" + (" (LoRA merged)" if lora_run else ""), file=sys.stderr)
-    export(ckpt, target, merge=bool(lora_run), dtype="fp32")  # the next stage starts from the trained weights, not a rounding
-    atomic_write_json(target / BASE_MARKER, marker)
-    return target
 
 
 def eos_list(eos) -> list[int]:
@@ -410,6 +370,10 @@ def select_trainable(model: torch.nn.Module, cfg: JobConfig, model_config, seed:
     lora_cfg = None
     if cfg.lora is not None:
         lora_cfg = apply_lora(model, cfg.lora, model_config.tie_word_embeddings, seed)
+        if cfg.lora.loraplus_lr_ratio != 1:
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.lr_scale = cfg.lora.loraplus_lr_ratio  # its own optimizer group (engine.param_groups)
     ft = cfg.finetune
     n = model_config.num_hidden_layers
     frozen_layers = parse_layers(ft.freeze_layers, n)
@@ -429,7 +393,7 @@ def select_trainable(model: torch.nn.Module, cfg: JobConfig, model_config, seed:
             p.requires_grad_(False)
         if ft.layer_lr_decay < 1:
             depth = 0 if "embed_tokens" in name else (layer_of(name) + 1 if layer_of(name) is not None else n + 1)
-            p.lr_scale = ft.layer_lr_decay ** (n + 1 - depth)
+            p.lr_scale = getattr(p, "lr_scale", 1.0) * ft.layer_lr_decay ** (n + 1 - depth)
     if not any(p.requires_grad for _, p in named):
         raise UserError("every parameter is frozen (finetune.freeze / freeze_layers); leave something to train")
     return lora_cfg
