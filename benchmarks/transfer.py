@@ -15,7 +15,7 @@
    random draw), prompt "Review: <text>\\nSentiment:", answer " positive"/" negative" + EOS,
    the same budget for every arm (`--ft-steps` steps x `--batch` packed rows of 128). Arms: full
    fine-tuning of every base, and LoRA of the domain model and of each released one.
-3. Fair tuning: every arm's learning rate is chosen from its own grid of three on a validation
+3. Fair tuning: every arm's learning rate is chosen from its own grid (3-4 values) on a validation
    split carved from the 2,000 (1,600 train / 400 validation, seed 0), never on the test file;
    then every arm runs `--seeds` seeds (initialisation and data order) at its chosen LR on all
    2,000 and is scored on eval/sentiment_test.jsonl (1,000): accuracy and macro-F1 from each
@@ -289,8 +289,8 @@ def main() -> int:
     p.add_argument("--domain-lr", type=float, default=1e-3)
     p.add_argument("--examples", type=int, default=2000, help="labelled examples of the main comparison")
     p.add_argument("--ft-steps", type=int, default=120, help="fine-tuning steps, the same for every arm")
-    p.add_argument("--full-lrs", default="2.5e-4,5e-4,1e-3", help="LR grid of full fine-tuning of a pretrained base")
-    p.add_argument("--scratch-lrs", default="1e-3,2e-3,4e-3", help="LR grid of training from random initialisation")
+    p.add_argument("--full-lrs", default="2.5e-4,5e-4,1e-3,2e-3", help="LR grid of full fine-tuning of a pretrained base")
+    p.add_argument("--scratch-lrs", default="5e-4,1e-3,2e-3,4e-3", help="LR grid of training from random initialisation")
     p.add_argument("--lora-lrs", default="1e-3,3e-3,1e-2", help="LR grid of LoRA")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-long", type=int, default=4, help="also LoRA of the domain model at this many times the steps (0: not)")
