@@ -296,9 +296,7 @@ def main() -> int:
     p.add_argument("--lora-long", type=int, default=4, help="also LoRA of the domain model at this many times the steps (0: not)")
     p.add_argument("--lora", default="", help="extra LoRA overrides, comma-separated (e.g. lora.rslora=true)")
     p.add_argument("--released", default="stories260K", help="released bases: NAME or NAME=HF_DIR, comma-separated ('' for none)")
-    p.add_argument(
-        "--curve", default="100,300,2000", help="labelled-example counts of the label-efficiency curve ('' for none)"
-    )
+    p.add_argument("--curve", default="100,300,2000", help="labelled-example counts of the label-efficiency curve ('' for none)")
     p.add_argument("--seeds", type=int, default=3, help="runs per arm (run.seed 0..N-1)")
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at once (one thread each)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers of the pretraining runs")
