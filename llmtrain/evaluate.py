@@ -88,9 +88,8 @@ def choice_scores(
     if not total:
         return None
     hits = np.diag(confusion)
-    f1 = np.divide(
-        2 * hits, confusion.sum(0) + confusion.sum(1), out=np.zeros(k), where=(confusion.sum(0) + confusion.sum(1)) > 0
-    )
+    gold_plus_predicted = confusion.sum(0) + confusion.sum(1)
+    f1 = np.divide(2 * hits, gold_plus_predicted, out=np.zeros(k), where=gold_plus_predicted > 0)
     return {"accuracy": float(hits.sum() / total), "macro_f1": float(f1.mean())}
 
 
