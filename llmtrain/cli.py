@@ -65,10 +65,12 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL/Parquet files, directories or globs")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="our tokenizer dir or a Hugging Face checkpoint dir")
-    p.add_argument("--seq-len", type=int, required=True, metavar="N")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="text/JSONL/Parquet files, directories, globs or s3:// URIs"
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="our tokenizer dir or a Hugging Face checkpoint dir")
+    p.add_argument("--seq-len", type=int, metavar="N")
+    p.add_argument("--output", metavar="DIR|URI", help="a directory or an object-store prefix (s3://bucket/prefix)")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, metavar="T", help="approximate tokens per shard")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="default: all cores")
@@ -78,24 +80,79 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype (auto: uint16 when the vocab fits)"
     )
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    p.add_argument(
+        "--stages",
+        metavar="YAML",
+        help="quality / pii / near_dedup settings (see configs/prepare-web.yaml); the flags below switch each on with its defaults",
+    )
+    p.add_argument("--quality", action="store_true", help="heuristic quality filters (Gopher/C4/FineWeb defaults)")
+    p.add_argument("--pii", action="store_true", help="redact e-mails, IPs, phone and card numbers, secrets")
+    p.add_argument("--near-dedup", action="store_true", help="MinHash LSH near-duplicate removal")
+    p.add_argument(
+        "--executor",
+        default="auto",
+        choices=["auto", "local", "ray"],
+        help="auto: this process for small inputs, Ray Data above 256 MB or with --cluster",
+    )
+    p.add_argument("--cluster", metavar="ADDRESS", help="run on an existing Ray cluster (ray://HEAD:10001, or auto on a node)")
+    p.add_argument("--dry-run", action="store_true", help="show what each stage would drop or redact; write nothing")
+    p.add_argument("--sample", type=int, default=1000, metavar="N", help="documents the --dry-run looks at")
 
 
-@command("prepare", "clean, deduplicate, tokenize and pack text into Arrow token shards", _prepare_args)
+def _stage_configs(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    stages: dict = {}
+    if args.stages:
+        try:
+            stages = yaml.safe_load(Path(args.stages).read_text()) or {}
+        except OSError as err:
+            raise UserError(f"--stages {args.stages}: cannot read ({err.strerror}); check the path") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"--stages {args.stages}: not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+        unknown = sorted(set(stages) - {"quality", "pii", "near_dedup"}) if isinstance(stages, dict) else ["(not a mapping)"]
+        if unknown:
+            raise UserError(f"--stages {args.stages}: unknown section {unknown[0]}; use quality, pii and near_dedup")
+    for flag, key in (("quality", "quality"), ("pii", "pii"), ("near_dedup", "near_dedup")):
+        if getattr(args, flag):
+            stages[key] = {**(stages.get(key) or {}), "enabled": True}
+    return stages
+
+
+@command(
+    "prepare", "clean, filter, deduplicate, tokenize and pack text into Arrow token shards (local or Ray Data)", _prepare_args
+)
 def _prepare(args: argparse.Namespace) -> None:
-    from llmtrain.data.prepare import prepare  # on use: `llmtrain --help` loads no torch/ray
+    stages = _stage_configs(args)
+    if args.dry_run:
+        from llmtrain.data.preview import preview  # on use: `llmtrain --help` loads no torch/ray
 
-    prepare(
+        preview(args.input, sample=args.sample, text_column=args.text_column, min_chars=args.min_chars, **stages)
+        return
+    missing = [
+        flag for flag, v in (("--tokenizer", args.tokenizer), ("--seq-len", args.seq_len), ("--output", args.output)) if v is None
+    ]
+    if missing:
+        raise UserError(f"llmtrain prepare needs {', '.join(missing)} (only --dry-run runs without them)")
+    from llmtrain.prepare_ray import prepare_job  # on use: `llmtrain --help` loads no torch/ray
+
+    prepare_job(
         args.input,
+        executor=args.executor,
+        cluster=args.cluster,
+        workers=args.workers,
         tokenizer=args.tokenizer,
         seq_len=args.seq_len,
         output=args.output,
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
-        workers=args.workers,
         min_chars=args.min_chars,
         text_column=args.text_column,
         force=args.force,
         dtype=args.dtype,
+        **stages,
     )
 
 
@@ -371,7 +428,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _submit_prepare_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="llmtrain submit prepare",
+        description="submit `llmtrain prepare` to a Ray cluster (Jobs API); it runs on Ray Data there",
+    )
+    _prepare_args(p)
+    _address_arg(p)
+    p.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 only if it succeeded")
+    return p
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["submit", "prepare"]:  # `llmtrain submit prepare --input ...`: prepare's own flags
+        args = _submit_prepare_parser().parse_args(argv[2:])
+
+        def submit_prepare() -> int:
+            from llmtrain.submit import submit_prepare  # on use: `llmtrain --help` loads no torch/ray
+
+            return submit_prepare(args, args.address, follow=args.follow)
+
+        return run_main(submit_prepare)
     args = build_parser().parse_args(argv)
     return run_main(lambda: args._fn(args))
 

@@ -17,22 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
 
-from llmtrain import reachable
 from llmtrain.cluster_failures import explain, failure_settings, forget_previous_run
 from llmtrain.config import FORWARDED_ENV, JobConfig, absolutize_paths, write_resolved_config
 from llmtrain.data.atomic import unchanged_on_error
 from llmtrain.errors import UserError
 from llmtrain.metrics import StartupClock
+from llmtrain.ray_runtime import check_reachable, loopback_only, unused_port
 from llmtrain.tasks import get_task
 from llmtrain.train import driver_step, train_worker
 
@@ -126,7 +123,7 @@ def _trainer_class(torch_trainer: type) -> type:
 def start_ray(cfg: JobConfig) -> None:
     address = cfg.cluster.address
     if address is None:
-        _loopback_only()
+        loopback_only()
     import ray  # here, not at the top: _loopback_only sets what Ray reads when it is imported
 
     if ray.is_initialized():
@@ -164,7 +161,7 @@ def start_ray(cfg: JobConfig) -> None:
             # Ray Train's placement-group cleaner asks the State API there about our controller:
             # another instance's dashboard on 8265 would answer "no such actor" and the cleaner
             # would remove our placement group. A port of our own where nothing listens.
-            dashboard_port=_unused_port(),
+            dashboard_port=unused_port(),
             runtime_env=runtime_env,
             log_to_driver=True,
             logging_level=logging.WARNING,
@@ -180,60 +177,6 @@ def start_ray(cfg: JobConfig) -> None:
         raise UserError(
             f"cluster.address={address}: could not connect ({err}); check the address and that the cluster is up"
         ) from None
-
-
-def _loopback_only() -> None:
-    """Make the embedded runtime a single-machine Ray whose services use 127.0.0.1 only.
-
-    `ray.init(_node_ip_address="127.0.0.1")` is not enough: GCS and raylet still bind all
-    interfaces. Ray's single-machine mode (the switch it uses on macOS/Windows) takes the node
-    address from the loopback interface. The variable is read when Ray is imported and by the
-    processes it starts, so set it in the environment and in Ray's constants if already loaded.
-    Gloo's own connections are kept on loopback too.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
-
-
-def check_reachable(address: str, timeout_s: float = reachable.CONNECT_TIMEOUT_S) -> None:
-    """Fail within seconds, not hang, when the cluster address is wrong, refused or silent: a
-    TCP connection within `timeout_s`, then an answer to an HTTP/2 preface within
-    reachable.READ_TIMEOUT_S, as every gRPC server gives (the Ray Client server behind
-    ray://HEAD:10001, the GCS behind HOST:6379)."""
-    if address == "auto":
-        return
-    label = f"cluster.address={address}"
-    forms = "use ray://HEAD:10001 (Ray Client), HOST:6379 (the GCS, from a cluster node) or auto"
-    scheme = address.split("://", 1)[0] if "://" in address else None
-    if scheme not in (None, "ray"):
-        raise UserError(
-            f"{label}: {scheme}:// is not a Ray cluster address; {forms} (http://HEAD:8265 is the Jobs API of `llmtrain submit --address`)"
-        )
-    parsed = urlparse(address if scheme else f"ray://{address}")
-    try:
-        port = parsed.port or (10001 if scheme == "ray" else 6379)
-    except ValueError:
-        raise UserError(f"{label}: invalid port; {forms}") from None
-    if not parsed.hostname:
-        raise UserError(f"{label}: no host name; {forms}")
-    reachable.check_reachable(
-        label,
-        parsed.hostname,
-        port,
-        f"check the address ({'Ray Client listens on port 10001' if scheme else 'the GCS listens on port 6379'}) "
-        "and that the cluster is running",
-        timeout_s,
-        hello=reachable.GRPC_HELLO,
-    )
-
-
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gpus_available(cfg: JobConfig) -> bool:

@@ -321,6 +321,68 @@ def submit(
     return follow_job(client, url, job_id)
 
 
+def submit_prepare(args, address: Optional[str], follow: bool = False) -> int:
+    """Submit `llmtrain prepare ...` (parsed `args`) as a job that runs Ray Data on the cluster
+    (`--cluster auto`). The tokenizer directory and the --stages file travel in the job's
+    working_dir; inputs and the output must be object-store URIs or storage every node sees
+    (local paths are made absolute against this directory, as for a training job)."""
+    import shutil
+
+    from llmtrain.data import objstore
+
+    url = normalize_address(address)
+    if args.tokenizer is None or args.seq_len is None or args.output is None:
+        raise UserError("llmtrain submit prepare needs --tokenizer, --seq-len and --output")
+    if args.dry_run:
+        raise UserError("--dry-run runs here, not on a cluster: use `llmtrain prepare --dry-run ...`")
+    client = connect(url)
+    where = lambda p: p if objstore.is_uri(p) else str(Path(p).expanduser().resolve())  # noqa: E731
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", str(args.output).rstrip("/").rsplit("/", 1)[-1]).strip("-") or "data"
+    job_id = f"llmtrain-prepare-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    with tempfile.TemporaryDirectory(prefix="llmtrain-submit-") as stage:
+        tokenizer = Path(args.tokenizer)
+        if not tokenizer.is_dir():
+            raise UserError(f"--tokenizer {tokenizer}: not a directory; pass the tokenizer directory")
+        shutil.copytree(tokenizer, Path(stage) / "tokenizer")
+        cmd = ["prepare", "--input", *map(where, args.input), "--tokenizer", "tokenizer", "--seq-len", str(args.seq_len)]
+        cmd += [
+            "--output",
+            where(args.output),
+            "--val-fraction",
+            str(args.val_fraction),
+            "--shard-tokens",
+            str(args.shard_tokens),
+        ]
+        cmd += ["--min-chars", str(args.min_chars), "--text-column", args.text_column, "--dtype", args.dtype, "--cluster", "auto"]
+        cmd += ["--executor", "ray"] + (["--workers", str(args.workers)] if args.workers else [])
+        cmd += [
+            f
+            for f, on in (
+                ("--force", args.force),
+                ("--quality", args.quality),
+                ("--pii", args.pii),
+                ("--near-dedup", args.near_dedup),
+            )
+            if on
+        ]
+        if args.stages:
+            shutil.copyfile(args.stages, Path(stage) / "stages.yaml")
+            cmd += ["--stages", "stages.yaml"]
+        with ray_errors(url):
+            client.submit_job(
+                entrypoint="python -m llmtrain.cli " + " ".join(shlex.quote(c) for c in cmd),
+                submission_id=job_id,
+                runtime_env={"working_dir": stage, "py_modules": package_dirs(), "excludes": EXCLUDES},
+                metadata={"llmtrain_task": "prepare", "output": where(args.output)},
+            )
+    print(f"submitted {job_id} to {url} (prepare on Ray Data, --cluster auto)")
+    print(f"  output {where(args.output)}  (an object-store URI, or storage every node of the cluster sees)")
+    if not follow:
+        print(f"  follow: llmtrain jobs logs {job_id} --follow --address {url}")
+        return 0
+    return follow_job(client, url, job_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # Managing jobs
 

@@ -123,9 +123,9 @@ def test_row_format(small_prepared, small_tokenizer):
 
 
 def test_output_independent_of_workers_and_batching(small_prepared, small_tokenizer, corpus_slice, tmp_path, monkeypatch):
-    import llmtrain.data.prepare as prep
+    import llmtrain.data.pipeline as pipeline
 
-    monkeypatch.setattr(prep, "BATCH_CHARS", 10_000)
+    monkeypatch.setattr(pipeline, "TABLE_CHARS", 10_000)  # many small tables out of stage A
     other = prepare([str(corpus_slice)], small_tokenizer, 64, tmp_path / "w1", val_fraction=0.05, shard_tokens=20_000, workers=1)
     a = json.loads((small_prepared / "manifest.json").read_text())["splits"]
     b = json.loads((other / "manifest.json").read_text())["splits"]

@@ -1,23 +1,29 @@
-"""`llmtrain prepare`: raw text -> cleaned, deduplicated, tokenized, packed Arrow token shards.
+"""`llmtrain prepare`: raw text -> cleaned, filtered, deduplicated, tokenized, packed Arrow token shards.
 
     llmtrain prepare --input ../shared/data/corpus --tokenizer tok/ --seq-len 256 --output data/tiny
     prepare(["corpus/"], tokenizer="tok/", seq_len=256, output="data/tiny")   # the same from Python
 
-The pipeline, in input order (so the output does not depend on the number of workers):
-1. read documents (llmtrain.data.readers: how each format is split into documents),
-2. clean them (llmtrain.data.clean: NFC, control characters, empty/short, exact duplicates),
-3. assign each document to train or val by a hash of its cleaned text (`val_fraction`),
-4. tokenize batches of documents on all cores: sentencepiece's C++ thread pool (or the Rust
-   `tokenizers` pool for a Hugging Face tokenizer), in a background thread so reading and
-   cleaning the next batch overlaps with it; each document becomes [BOS] tokens [EOS],
-5. pack each split's stream into rows of exactly `seq_len` and write shards
-   (llmtrain.data.shard_writer, format in llmtrain.data.shards) plus `manifest.json` and a copy of
-   the tokenizer into a temp directory that is renamed to `output` when complete.
-Invalid UTF-8 in text files is replaced with U+FFFD and counted (reported, and in the manifest).
+The pipeline (llmtrain.data.pipeline holds the stages; an executor runs them: in this process,
+or on Ray Data with llmtrain/prepare_ray.py, with the same bytes out):
+1. read documents (llmtrain.data.readers: formats, compression, local paths or object storage),
+2. clean them (llmtrain.data.clean: NFC, control characters, empty/short),
+3. optional heuristic quality filters (llmtrain.data.quality) and PII redaction (llmtrain.data.pii),
+4. exact dedup by content hash and optional near-dedup (MinHash LSH, llmtrain.data.minhash),
+   both hash-partitioned over the whole corpus; the first document in input order is kept,
+5. assign each document to train or val by a hash of its cleaned text (`val_fraction`),
+6. tokenize (each document becomes [BOS] tokens [EOS]), and on the driver pack each split's
+   stream into rows of exactly `seq_len` and write shards (llmtrain.data.shard_writer, format
+   in llmtrain.data.shards) plus `manifest.json` and a copy of the tokenizer into a temp
+   directory renamed to `output` when complete; for an object-store `output`
+   (`s3://bucket/prefix`) the finished directory is uploaded with the manifest last, so a
+   prefix without a manifest is never a dataset.
+Counts of every stage (cleaning, each quality filter, each PII kind, exact and near duplicates)
+go into the manifest and the report. The manifest holds nothing that depends on the executor,
+the number of workers or the clock, so the output is byte-identical across them and reruns.
 A rerun with the same inputs (paths, sizes, mtimes) and settings is a no-op unless `force`, once
-the existing output passes `verify` (every shard's sha256, at about 1.7 GB/s); a damaged one is
-rebuilt. Checks before anything is written: each argument's bounds, the output (not a file,
-writable), and after tokenizing a `seq_len` no longer than the train split's tokens.
+the existing output passes `verify`; a damaged one is rebuilt. Checks before anything is
+written: each argument's bounds, the output (not a file, writable; a bucket that exists and
+takes our credentials), and after tokenizing a `seq_len` no longer than the train split's tokens.
 """
 
 from __future__ import annotations
@@ -25,20 +31,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from tqdm import tqdm
 
 import llmtrain
+from llmtrain.data import objstore
 from llmtrain.data.atomic import atomic_dir, is_empty_dir
-from llmtrain.data.clean import CleanStats, clean_text, content_hash, is_val
-from llmtrain.data.readers import expand_inputs, iter_documents
+from llmtrain.data.clean import CleanStats
+from llmtrain.data.minhash import MinHashConfig
+from llmtrain.data.pii import PiiConfig
+from llmtrain.data.pipeline import Executor, LocalExecutor, StageSettings, find_duplicates, merge_stats, plan_units, split_tokens
+from llmtrain.data.quality import QualityConfig
+from llmtrain.data.readers import list_inputs
 from llmtrain.data.shard_writer import SplitWriter
 from llmtrain.data.shards import (
     MANIFEST,
@@ -53,11 +63,7 @@ from llmtrain.data.shards import (
     verify,
 )
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
-from llmtrain.data.tokenizer_train import input_signature
 from llmtrain.errors import UserError
-
-BATCH_CHARS = 4 << 20  # characters per tokenization batch
-_IN_FLIGHT = 2  # batches tokenizing while the next one is read
 
 
 def prepare(
@@ -72,10 +78,20 @@ def prepare(
     text_column: str = "text",
     force: bool = False,
     dtype: str = "auto",
-) -> Path:
-    """Build the prepared directory `output`; return its path. See the module docstring."""
+    quality: QualityConfig | dict | None = None,
+    pii: PiiConfig | dict | None = None,
+    near_dedup: MinHashConfig | dict | None = None,
+    executor: Optional[Executor] = None,
+) -> Path | str:
+    """Build the prepared directory (or object-store prefix) `output`; return it. See the module
+    docstring. `executor` defaults to this process with `workers` tokenizer threads."""
     _check_args(seq_len, val_fraction, shard_tokens, workers, min_chars, dtype)
-    files = expand_inputs(inputs, exclude=[output])
+    settings = stage_settings(text_column, min_chars, val_fraction, quality, pii, near_dedup)
+    out = str(output)
+    remote = objstore.is_uri(out)
+    if remote:
+        objstore.check_access(out, write=True)
+    files = list_inputs(inputs, exclude=[] if remote else [output])
     tok = load_tokenizer(tokenizer)
     if tok.max_length is not None and seq_len > tok.max_length:
         raise UserError(
@@ -84,9 +100,8 @@ def prepare(
     if tok.eos_id is None:
         raise UserError(f"{tok.path}: the tokenizer has no EOS token to end documents with; use one that has")
     dtype = _resolve_dtype(dtype, tok)
-    out = Path(output)
     build = {
-        "inputs": input_signature(files),
+        "inputs": [f.signature() for f in files],
         "settings": {
             "schema_version": SCHEMA_VERSION,
             "tokenizer": tok.fingerprint,
@@ -96,26 +111,46 @@ def prepare(
             "shard_tokens": shard_tokens,
             "min_chars": min_chars,
             "text_column": text_column,
+            "stages": {k: v for k, v in settings.to_dict().items() if k in ("quality", "pii", "minhash")},
         },
     }
-    state = _existing_output(out, build, force)
+    state = _existing_remote(out, build, force) if remote else _existing_output(Path(out), build, force)
     if state == "current":
         print(
             f"llmtrain: {out} is up to date (same inputs and settings, sha256 verified); nothing to do (--force rebuilds)",
             file=sys.stderr,
         )
-        return out
+        return out if remote else Path(out)
 
     started = time.time()
-    threads = max(1, workers or os.cpu_count() or 1)
-    with atomic_dir(out, replace=state == "replace") as tmp:  # the temp dir exists before any input is read
-        stats, splits = _run(files, tok, seq_len, dtype, val_fraction, shard_tokens, threads, min_chars, text_column, tmp)
-        files_sha256 = _save_tokenizer(tok, tmp / TOKENIZER_DIR)
-        manifest = _manifest(tok, files_sha256, seq_len, dtype, val_fraction, stats, splits, build, time.time() - started)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        open_prepared(tmp)  # our own output must pass the checks every reader runs
-    _report(out, manifest, stats, time.time() - started)
-    return out
+    executor = executor or LocalExecutor(max(1, workers or os.cpu_count() or 1))
+    target = Path(tempfile.mkdtemp(prefix="llmtrain-prepare-")) / "out" if remote else Path(out)
+    try:
+        with atomic_dir(target, replace=state == "replace") as tmp:  # the temp dir exists before any input is read
+            stats, splits = _run(files, tok, seq_len, dtype, shard_tokens, settings, executor, tmp)
+            files_sha256 = _save_tokenizer(tok, tmp / TOKENIZER_DIR)
+            manifest = _manifest(tok, files_sha256, seq_len, dtype, val_fraction, stats, splits, build)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            open_prepared(tmp)  # our own output must pass the checks every reader runs
+        if remote:
+            if state != "none":
+                objstore.delete_prefix(out)  # a partial upload, or the dataset --force replaces
+            objstore.upload_dir(target, out, last=MANIFEST)
+    finally:
+        if remote:
+            shutil.rmtree(target.parent, ignore_errors=True)
+    _report(out, manifest, stats, time.time() - started, executor)
+    return out if remote else Path(out)
+
+
+def stage_settings(text_column, min_chars, val_fraction, quality, pii, near_dedup) -> StageSettings:
+    """The stage settings from configs or plain dicts (the YAML/CLI form), each checked."""
+    quality = quality if isinstance(quality, QualityConfig) else QualityConfig.from_dict(quality or {})
+    pii = pii if isinstance(pii, PiiConfig) else PiiConfig.from_dict(pii or {})
+    near = near_dedup if isinstance(near_dedup, MinHashConfig) else MinHashConfig.from_dict(near_dedup or {})
+    for cfg in (quality, pii, near):
+        cfg.check()
+    return StageSettings(text_column, min_chars, val_fraction, quality, pii, near)
 
 
 def _check_args(seq_len: int, val_fraction: float, shard_tokens: int, workers: Optional[int], min_chars: int, dtype: str) -> None:
@@ -181,6 +216,31 @@ def _existing_output(out: Path, build: dict, force: bool) -> str:
     return "current"
 
 
+def _existing_remote(out: str, build: dict, force: bool) -> str:
+    """`_existing_output` for an object-store prefix: "partial" (objects but no manifest: an
+    upload that died) is replaced like a damaged directory."""
+    state = objstore.remote_state(out)
+    if state == "none":
+        return "none"
+    if state == "partial" or force:
+        return "replace"
+    try:
+        previous = json.loads(objstore.read_bytes(f"{out.rstrip('/')}/{MANIFEST}")).get("build", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{out}/{MANIFEST}: unreadable ({err}); pass --force to rebuild it or choose another --output") from None
+    drop = lambda d: {k: v for k, v in d.items() if k != "schema_version"}  # noqa: E731
+    if previous.get("inputs") != build["inputs"] or drop(previous.get("settings", {})) != drop(build["settings"]):
+        raise UserError(
+            f"{out} holds a dataset prepared from other inputs or settings; pass --force to replace it or choose another --output"
+        )
+    try:
+        objstore.verify_remote(out, quiet=True)
+    except UserError as err:
+        print(f"llmtrain: {out} is damaged ({err}); rebuilding it", file=sys.stderr)
+        return "replace"
+    return "current"
+
+
 def _save_tokenizer(tok: Tokenizer, directory: Path) -> dict[str, str]:
     """Copy the tokenizer's files into `directory`; {file: sha256} for the manifest. The copy must
     be the same tokenizer (readers trust it)."""
@@ -194,64 +254,50 @@ def _save_tokenizer(tok: Tokenizer, directory: Path) -> dict[str, str]:
     return tokenizer_hashes(directory)
 
 
-def _batches(
-    files: list[Path], stats: CleanStats, text_column: str, val_fraction: float, bar: tqdm
-) -> Iterator[tuple[list[str], list[str]]]:
-    """(train documents, val documents) in input order, about BATCH_CHARS characters per batch."""
-    train: list[str] = []
-    val: list[str] = []
-    chars = 0
-    for path in files:
-        for raw in iter_documents(path, text_column, stats, on_bytes=bar.update):
-            text = clean_text(raw, stats)
-            if text is None:
-                continue
-            key = content_hash(text)
-            if stats.is_duplicate(key):
-                continue
-            stats.documents_kept += 1
-            stats.chars_kept += len(text)
-            (val if is_val(key, val_fraction) else train).append(text)
-            chars += len(text)
-            if chars >= BATCH_CHARS:
-                yield train, val
-                train, val, chars = [], [], 0
-    if train or val:
-        yield train, val
-
-
-def _run(files, tok: Tokenizer, seq_len, dtype, val_fraction, shard_tokens, threads, min_chars, text_column, tmp: Path):
-    stats = CleanStats(min_chars=min_chars)
+def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSettings, executor: Executor, tmp: Path):
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     rows_per_shard = max(1, shard_tokens // seq_len)
     writers = {name: SplitWriter(tmp, name, seq_len, dtype, rows_per_shard, pad_id) for name in SPLITS}
-    total_bytes = sum(f.stat().st_size for f in files)
-
-    def encode(train: list[str], val: list[str]):
-        return tok.encode_documents(train, threads), tok.encode_documents(val, threads)
-
+    units = plan_units(files)
+    total_bytes = sum(f.size for f in files)
     started = time.time()
-    tokens = 0
-    with (
-        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5) as bar,
-        ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool,
-    ):
-        pending: deque = deque()
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5) as bar:
+        kept = [0]
 
-        def consume() -> None:
-            nonlocal tokens
-            for name, (ids, lengths) in zip(SPLITS, pending.popleft().result()):
-                writers[name].add(ids, lengths)
+        def progress(nbytes: int, records: list[dict]) -> None:
+            kept[0] += sum(
+                r["documents_read"] - r["dropped_empty"] - r["dropped_short"] - sum(r["quality"].values()) for r in records
+            )
+            bar.set_postfix_str(f"{kept[0]:,} docs kept", refresh=False)
+            bar.update(nbytes)
+
+        docs = executor.documents(units, settings, progress)
+        totals = merge_stats(executor.stats(docs))
+        bar.set_postfix_str("dedup", refresh=True)
+        dedup = find_duplicates(executor, docs, settings)
+        tokens = 0
+        bar.reset(total=None)
+        bar.unit, bar.unit_scale, bar.desc = "tok", True, "tokenize+pack"
+        for batch in executor.tokenized(docs, dedup.removed, str(tok.path), max(1, executor.workers)):
+            for is_val, ids, lengths in split_tokens(batch):
+                writers["val" if is_val else "train"].add(ids, lengths)
                 tokens += len(ids)
+                bar.update(len(ids))
             rate = tokens / max(time.time() - started, 1e-9)
-            bar.set_postfix_str(f"{tokens / 1e6:.1f}M tok, {rate / 1e6:.2f}M tok/s", refresh=False)
-
-        for train, val in _batches(files, stats, text_column, val_fraction, bar):
-            pending.append(pool.submit(encode, train, val))
-            while len(pending) > _IN_FLIGHT:
-                consume()
-        while pending:
-            consume()
+            bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
+    stats = CleanStats(min_chars=settings.min_chars)
+    for key in ("documents_read", "dropped_empty", "dropped_short", "nfc_changed", "control_chars_removed"):
+        setattr(stats, key, totals.get(key, 0))
+    for key in ("invalid_utf8_documents", "invalid_utf8_replacements", "long_blocks_split"):
+        setattr(stats, key, totals.get(key, 0))
+    stats.dropped_duplicate = dedup.exact
+    stats.documents_kept = writers["train"].documents + writers["val"].documents
+    stages = {
+        "bytes_read": totals.get("bytes", 0),
+        "quality": {"enabled": settings.quality.enabled, "dropped": totals.get("quality", {})},
+        "pii": {"enabled": settings.pii.enabled, "redacted": totals.get("pii", {})},
+        "dedup": {"exact_removed": dedup.exact, "near_enabled": settings.minhash.enabled, "near_removed": dedup.near},
+    }
     if stats.documents_kept == 0:
         raise UserError(f"no documents left after cleaning ({stats.summary()}); check --input, or lower --min-chars")
     if writers["train"].documents == 0:
@@ -277,12 +323,11 @@ def _run(files, tok: Tokenizer, seq_len, dtype, val_fraction, shard_tokens, thre
             "documents": writer.documents,
             "padding": rows * seq_len - writer.tokens,
         }
-    return stats, splits
+    return (stats, stages), splits
 
 
-def _manifest(
-    tok: Tokenizer, files: dict, seq_len, dtype, val_fraction, stats: CleanStats, splits: dict, build: dict, seconds: float
-) -> dict:
+def _manifest(tok: Tokenizer, files: dict, seq_len, dtype, val_fraction, stats, splits: dict, build: dict) -> dict:
+    stats, stages = stats
     totals = {k: sum(s[k] for s in splits.values()) for k in ("rows", "tokens", "documents", "padding")}
     return seal_manifest(
         {
@@ -304,6 +349,7 @@ def _manifest(
             "splits": splits,
             "totals": totals,
             "cleaning": stats.to_dict(),
+            "stages": stages,
             "split": {
                 "val_fraction": val_fraction,
                 "unit": "document",
@@ -312,18 +358,25 @@ def _manifest(
             "build": {
                 **build,
                 "llmtrain_version": llmtrain.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 3),
             },
         }
     )
 
 
-def _report(out: Path, manifest: dict, stats: CleanStats, seconds: float) -> None:
+def _report(out: str, manifest: dict, stats, seconds: float, executor: Executor) -> None:
     say = lambda msg: print(f"llmtrain: {msg}", file=sys.stderr)  # noqa: E731
+    stats, stages = stats
     say(
         f"cleaning: {stats.summary()}; {stats.control_chars_removed:,} control characters removed, {stats.nfc_changed:,} documents NFC-normalised"
     )
+    if stages["quality"]["enabled"]:
+        dropped = {k: v for k, v in stages["quality"]["dropped"].items() if v}
+        say(f"quality filters dropped {sum(dropped.values()):,} documents" + (f" ({_counts(dropped)})" if dropped else ""))
+    if stages["pii"]["enabled"]:
+        found = {k: v for k, v in stages["pii"]["redacted"].items() if v}
+        say(f"PII redacted: {_counts(found) if found else 'nothing found'}")
+    if stages["dedup"]["near_enabled"]:
+        say(f"near-duplicates (MinHash LSH) removed: {stages['dedup']['near_removed']:,} documents")
     if stats.invalid_utf8_documents:
         say(
             f"warning: invalid UTF-8 in {stats.invalid_utf8_documents:,} documents: "
@@ -344,4 +397,12 @@ def _report(out: Path, manifest: dict, stats: CleanStats, seconds: float) -> Non
             f"note: the val split is empty ({why}): training runs without validation and `llmtrain eval --data` has nothing to measure"
         )
     total = manifest["totals"]["tokens"]
-    say(f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s ({total / max(seconds, 1e-9) / 1e6:.2f}M tokens/s)")
+    mb = stages["bytes_read"] / 1e6
+    say(
+        f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s on {executor.name} with {executor.workers} worker(s): "
+        f"{mb / max(seconds, 1e-9):.1f} MB/s, {total / max(seconds, 1e-9) / 1e6:.2f}M tokens/s"
+    )
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in d.items())

@@ -20,16 +20,22 @@ Errors name the place 1-based, as editors do: the line of a JSON Lines file (fou
 of the file with `json`, since pyarrow counts rows from 0 within each 16 MiB block), the record
 of a JSON array or a Parquet file.
 Directories are searched recursively for these suffixes (hidden files skipped), in sorted order.
+Compressed files (`.gz`, `.zst`, `.bz2` after the format's suffix, e.g. `part-0.jsonl.zst`) are
+decompressed while streaming. `list_inputs` also takes object-store URIs (`s3://bucket/prefix`,
+`gs://...`, `file://...`, globs in the key), listed and opened through llmtrain.data.objstore
+(pyarrow.fs), so a worker reads its input from wherever it lives.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 from llmtrain.data.clean import CleanStats
 from llmtrain.errors import UserError
@@ -38,6 +44,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 KNOWN_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 _CHUNK = 8 << 20
@@ -93,12 +100,71 @@ def _files_in(directory: Path) -> list[Path]:
     out = []
     for root, dirs, names in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / n for n in sorted(names) if not n.startswith(".") and Path(n).suffix.lower() in KNOWN_SUFFIXES]
+        out += [Path(root) / n for n in sorted(names) if not n.startswith(".") and format_suffix(n) in KNOWN_SUFFIXES]
     return out
 
 
-def file_kind(path: Path) -> str:
-    suffix = path.suffix.lower()
+@dataclass(frozen=True)
+class InputFile:
+    """One input: a local path or an object-store URI, with the size and mtime that identify
+    this version of it (the rerun check of `prepare` compares them)."""
+
+    location: str
+    size: int
+    mtime_ns: int
+
+    def signature(self) -> dict:
+        return {"path": self.location, "bytes": self.size, "mtime_ns": self.mtime_ns}
+
+
+Source = Union[str, os.PathLike, InputFile]
+
+
+def list_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()) -> list[InputFile]:
+    """`expand_inputs` for local paths and object-store URIs alike, in order, each once."""
+    from llmtrain.data import objstore  # on use: local-only runs never import pyarrow.fs's S3 client
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out: list[InputFile] = []
+    local: list[str | os.PathLike] = []
+
+    def flush() -> None:
+        for f in expand_inputs(local, exclude=[e for e in exclude if not objstore.is_uri(e)]) if local else []:
+            st = f.stat()
+            out.append(InputFile(str(f.resolve()), st.st_size, st.st_mtime_ns))
+        local.clear()
+
+    if not inputs:
+        expand_inputs(inputs)  # the one error for "no input"
+    for item in inputs:
+        if objstore.is_uri(item):
+            flush()
+            out += [InputFile(r.uri, r.size, r.mtime_ns) for r in objstore.list_files(str(item), KNOWN_SUFFIXES)]
+        else:
+            local.append(item)
+    flush()
+    unique: dict[str, InputFile] = {}
+    for f in out:
+        unique.setdefault(f.location, f)
+    return list(unique.values())
+
+
+def format_suffix(name: str) -> str:
+    """The suffix that names the format, past a compression suffix: 'a.jsonl.zst' -> '.jsonl'."""
+    name = name.lower()
+    suffix = os.path.splitext(name)[1]
+    if suffix in COMPRESSION_SUFFIXES:
+        suffix = os.path.splitext(name[: -len(suffix)])[1]
+    return suffix
+
+
+def compression_of(name: str) -> Optional[str]:
+    return COMPRESSION_SUFFIXES.get(os.path.splitext(name.lower())[1])
+
+
+def file_kind(path: Source) -> str:
+    suffix = format_suffix(_location(path).rsplit("/", 1)[-1])
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
     if suffix in JSON_SUFFIXES:
@@ -106,27 +172,47 @@ def file_kind(path: Path) -> str:
     return "text"
 
 
-def iter_documents(path: Path, text_column: str, stats: CleanStats, on_bytes: OnBytes = _no_progress) -> Iterator[str]:
+def _location(path: Source) -> str:
+    return path.location if isinstance(path, InputFile) else str(path)
+
+
+def _open(path: Source) -> BinaryIO:
+    """A binary stream of the (decompressed) bytes of a local file or an object."""
+    location = _location(path)
+    from llmtrain.data import objstore
+
+    if objstore.is_uri(location):
+        return objstore.open_input(location)
+    codec = compression_of(location)
+    if codec is None:
+        return open(location, "rb")
+    import pyarrow as pa
+
+    return pa.input_stream(location, compression=codec)
+
+
+def iter_documents(path: Source, text_column: str, stats: CleanStats, on_bytes: OnBytes = _no_progress) -> Iterator[str]:
     """Raw documents of one file (see the module docstring for the rules per format)."""
     kind = file_kind(path)
+    name = _location(path)
     try:
         if kind == "parquet":
-            yield from _iter_parquet(path, text_column, on_bytes)
+            yield from _iter_parquet(path, name, text_column, on_bytes)
         elif kind == "json":
-            yield from _iter_json(path, text_column, on_bytes)
+            yield from _iter_json(path, name, text_column, on_bytes)
         else:
-            yield from _iter_text(path, stats, on_bytes)
+            yield from _iter_text(path, name, stats, on_bytes)
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err}); check the file") from None
+        raise UserError(f"{name}: cannot read ({getattr(err, 'strerror', None) or err}); check the file") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain text
 
 
-def _iter_text(path: Path, stats: CleanStats, on_bytes: OnBytes) -> Iterator[str]:
+def _iter_text(source: Source, path: str, stats: CleanStats, on_bytes: OnBytes) -> Iterator[str]:
     counts = {"invalid": 0, "bytes": 0}
-    with open(path, "rb") as f:
+    with _open(source) as f:
         tail = b""
         first = True
         while True:
@@ -167,7 +253,7 @@ def _cut_point(block: bytes, limit: int) -> int:
     return at or limit
 
 
-def _decode(block: bytes, path: Path, stats: CleanStats, counts: dict) -> str:
+def _decode(block: bytes, path: str, stats: CleanStats, counts: dict) -> str:
     counts["bytes"] += len(block)
     try:
         return block.decode("utf-8")
@@ -181,7 +267,7 @@ def _decode(block: bytes, path: Path, stats: CleanStats, counts: dict) -> str:
         return text
 
 
-def _check_invalid(path: Path, counts: dict, final: bool) -> None:
+def _check_invalid(path: str, counts: dict, final: bool) -> None:
     invalid, total = counts["invalid"], max(counts["bytes"], 1)
     if invalid > _MAX_INVALID_FRACTION * total and (final or invalid >= 1000):
         raise UserError(
@@ -194,13 +280,17 @@ def _check_invalid(path: Path, counts: dict, final: bool) -> None:
 # JSON / JSON Lines / Parquet
 
 
-def _column(names: Sequence[str], column: str, path: Path) -> None:
+def _is_remote(location: str) -> bool:
+    return "://" in location
+
+
+def _column(names: Sequence[str], column: str, path: str) -> None:
     if column not in names:
         shown = ", ".join(names[:10]) or "none"
         raise UserError(f"{path}: no column '{column}' (columns: {shown}); pass --text-column NAME")
 
 
-def _strings(values: list, path: Path, column: str, first: int = 1) -> Iterator[str]:
+def _strings(values: list, path: str, column: str, first: int = 1) -> Iterator[str]:
     """The text of each value; `first` is the 1-based record number of values[0]."""
     for i, v in enumerate(values):
         if v is None:
@@ -214,11 +304,11 @@ def _strings(values: list, path: Path, column: str, first: int = 1) -> Iterator[
             )
 
 
-def first_bad_line(path: Path, column: Optional[str] = None) -> tuple[int, str] | None:
+def first_bad_line(path: Source, column: Optional[str] = None) -> tuple[int, str] | None:
     """(1-based line number, what is wrong) of the first line of a JSON Lines file that is not a
     JSON object (with a text, null or missing `column`, when given); None if every line is.
     pyarrow and datasets only say 'row N', counted from 0 (and, in pyarrow, per block)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with io.TextIOWrapper(_open(path), encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -234,17 +324,18 @@ def first_bad_line(path: Path, column: Optional[str] = None) -> tuple[int, str] 
     return None
 
 
-def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
-    with open(path, "rb") as f:
+def _iter_json(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterator[str]:
+    with _open(src) as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"["):
-        yield from _iter_json_array(path, column, on_bytes)
+        yield from _iter_json_array(src, path, column, on_bytes)
         return
     import pyarrow as pa
     import pyarrow.json as pj
 
-    size = path.stat().st_size
-    source = pa.OSFile(str(path))
+    local = not _is_remote(path) and compression_of(path) is None
+    size = os.path.getsize(path) if local else None
+    source = pa.OSFile(path) if local else _open(src)
     try:
         reader = pj.open_json(source, read_options=pj.ReadOptions(block_size=16 << 20))
         _column(reader.schema.names, column, path)
@@ -252,12 +343,14 @@ def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
         for batch in reader:
             yield from _strings(batch.column(column).to_pylist(), path, column, records + 1)
             records += batch.num_rows
-            pos = min(source.tell(), size)
-            on_bytes(pos - done)
-            done = pos
-        on_bytes(size - done)
+            if size is not None:
+                pos = min(source.tell(), size)
+                on_bytes(pos - done)
+                done = pos
+        if size is not None:
+            on_bytes(size - done)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        bad = first_bad_line(path, column)
+        bad = first_bad_line(src, column)
         reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
         raise UserError(
             f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
@@ -266,12 +359,14 @@ def _iter_json(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
         source.close()
 
 
-def _iter_json_array(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
+def _iter_json_array(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterator[str]:
+    with _open(src) as f:
+        data = f.read()
     try:
-        records = json.loads(path.read_bytes())
+        records = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err}); fix the file") from None
-    on_bytes(path.stat().st_size)
+    on_bytes(len(data))
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise UserError(f"{path}: expected a JSON array of objects (or JSON Lines); convert the file")
     if records:
@@ -279,16 +374,21 @@ def _iter_json_array(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str
     yield from _strings([r.get(column) for r in records], path, column)
 
 
-def _iter_parquet(path: Path, column: str, on_bytes: OnBytes) -> Iterator[str]:
+def _iter_parquet(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        if _is_remote(path) or compression_of(path) is not None:  # Parquet needs random access
+            with _open(src) as f:
+                data = f.read()
+            pf, size = pq.ParquetFile(pa.BufferReader(data)), len(data)
+        else:
+            pf, size = pq.ParquetFile(path), os.path.getsize(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]}); check the file") from None
     _column(pf.schema_arrow.names, column, path)
-    size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
+    rows = max(pf.metadata.num_rows, 1)
     done = records = 0
     try:
         for batch in pf.iter_batches(columns=[column], batch_size=8192):

@@ -1,0 +1,142 @@
+"""prepare on Ray Data: the same bytes as in-process for 1 and 2 workers, with every stage on, a
+worker killed mid-job, compressed and JSONL inputs; the driver killed leaves nothing complete."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtrain.data.prepare import prepare
+from llmtrain.data.quality import QualityConfig, quality_reason
+from llmtrain.data.shards import open_prepared, verify
+from llmtrain.data.tokenizer import load_tokenizer
+
+STAGES = ["--quality", "--pii", "--near-dedup"]
+# Quality thresholds loosened for a corpus of hard-wrapped paragraphs (Gopher's 50-word minimum
+# and FineWeb's lines-ending-in-punctuation ratio would drop most of them): the stage still
+# runs, and drops the short lines of plays and verse.
+QUALITY = {"enabled": True, "min_words": 20, "min_punctuation_lines_ratio": None}
+
+
+def _corpus(corpus_slice: Path, root: Path) -> Path:
+    """corpus_slice, plus a gzipped JSONL file with near and exact copies of its paragraphs and
+    documents carrying PII, so that every stage has something to do."""
+    out = root / "corpus"
+    out.mkdir()
+    paragraphs = []
+    for src in sorted(corpus_slice.glob("*.txt")):
+        (out / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+        paragraphs += [p for p in src.read_text(encoding="utf-8").split("\n\n") if len(p.split()) > 60][:5]
+    records = []
+    for i, p in enumerate(paragraphs):
+        words = p.split()
+        records += [p, p]  # two copies: at least one exact duplicate, whatever the corpus file's own block is
+        records.append(" ".join(words[:-2] + ["indeed", "so"]))  # a near copy: the last two words changed
+        records.append(f"Write to user{i}@example.com or call +1 415-555-01{i:02d} about this: " + " ".join(words[:40]))
+    with gzip.open(out / "extra.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"text": r}) + "\n")
+    return out, paragraphs
+
+
+def _cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", "prepare", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        **kw,
+    )
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_slice, small_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep_ray")
+    corpus, paragraphs = _corpus(corpus_slice, root)
+    stages = root / "stages.yaml"
+    stages.write_text(json.dumps({"quality": QUALITY}))
+    common = [
+        "--input", str(corpus), "--tokenizer", str(small_tokenizer), "--seq-len", "64", "--shard-tokens", "20000",
+        "--val-fraction", "0.05", "--stages", str(stages), *STAGES,
+    ]  # fmt: skip
+    out = prepare(
+        [str(corpus)], small_tokenizer, seq_len=64, output=root / "local", val_fraction=0.05, shard_tokens=20_000,
+        quality=QUALITY, pii={"enabled": True}, near_dedup={"enabled": True},
+    )  # fmt: skip
+    return root, common, out, paragraphs
+
+
+def test_every_stage_counts_into_the_manifest(reference):
+    _, _, out, paragraphs = reference
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert sum(stages["quality"]["dropped"].values()) > 0
+    cfg = QualityConfig.from_dict(QUALITY)
+    passing = sum(quality_reason(p, cfg) is None for p in paragraphs)  # their copies pass too, and are removed
+    assert passing >= 20
+    assert stages["pii"]["redacted"]["email"] >= passing and stages["pii"]["redacted"]["phone"] >= passing
+    assert stages["dedup"]["exact_removed"] >= passing  # the exact copies (and the corpus's own repeats)
+    assert passing <= stages["dedup"]["near_removed"] <= passing + 5  # the near copies (and a few of the corpus's own)
+    data = open_prepared(out)
+    tok = load_tokenizer(out / "tokenizer")
+    text = "".join(
+        tok.decode(s.tokens.reshape(-1)[: s.real_tokens].astype(int).tolist())
+        for name in ("train", "val")
+        for s in data.splits[name].shards
+    )
+    assert "example.com" not in text and "415-555" not in text
+    assert "EMAIL" in text
+
+
+@pytest.mark.slow
+def test_ray_data_gives_the_same_bytes_for_1_and_2_workers_and_after_a_killed_worker(reference):
+    root, common, local, _ = reference
+    expected = _files(local)
+    one = _cli([*common, "--output", str(root / "ray1"), "--executor", "ray", "--workers", "1"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _files(root / "ray1") == expected
+    marker = root / "killed"
+    two = _cli(
+        [*common, "--output", str(root / "ray2"), "--executor", "ray", "--workers", "2"],
+        env={"LLMTRAIN_TEST_KILL_UNIT": f"3:{marker}"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert marker.exists(), "the test hook never killed a worker"
+    assert _files(root / "ray2") == expected
+    verify(root / "ray2")
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_no_output_and_the_rerun_completes(reference):
+    root, common, local, _ = reference
+    out = root / "killed-driver"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtrain.cli", "prepare", *common, "--output", str(out), "--executor", "ray", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".killed-driver.tmp-") for p in root.iterdir()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # only the hidden temp dir: nothing named like the output
+    again = _cli([*common, "--output", str(out), "--executor", "local"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _files(out) == _files(local)
