@@ -96,3 +96,22 @@ def battery_env(tmp_path_factory, silent_server):
         config=CONFIG,
         silent=silent_server,
     )
+
+
+# Object storage: a real S3 server (SeaweedFS, tests/s3_support.py), started once per session.
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from s3_support import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket (`s3.name`, `s3.uri(key)`) with AWS_ENDPOINT_URL and the keys set for the test."""
+    from s3_support import use_server
+
+    return use_server(s3_server, monkeypatch)

@@ -397,9 +397,14 @@ def check_fits_model(data: Prepared, vocab_size: int, model: str, model_dir: Opt
         )
 
 
-def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared:
+def verify(path: str | os.PathLike, quiet: bool = False) -> Prepared | dict:
     """`open_prepared` plus the sha256 and the largest token id of every shard, and the
-    tokenizer copy reloaded (its fingerprint and vocab size must be the manifest's)."""
+    tokenizer copy reloaded (its fingerprint and vocab size must be the manifest's). A URI
+    (s3://bucket/prefix) is verified in place by `objstore.verify_remote`, which returns the manifest."""
+    from llmtrain.data import objstore
+
+    if objstore.is_uri(path):
+        return objstore.verify_remote(str(path), quiet=quiet)
     data = open_prepared(path)
     vocab = data.vocab_size
     check_tokenizer(data)
