@@ -18,10 +18,10 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtrain.data.atomic import atomic_write_text
 from llmtrain.errors import UserError
@@ -50,9 +50,23 @@ class ModelSection(Section):
     (`lora.quantize`, as peft's prepare_model_for_kbit_training does), off otherwise."""
 
 
+def _location(path: Any) -> Any:
+    """An object-store URI (s3://bucket/prefix) stays text (a Path would fold its //); anything
+    else path-like becomes a Path (pydantic reports the rest)."""
+    from llmtrain.data.objstore import is_uri  # on use: `llmtrain --help` loads no numpy
+
+    return path if path is None or is_uri(path) or not isinstance(path, (str, os.PathLike)) else Path(path)
+
+
 class MixtureEntry(Section):
-    path: Path
+    path: Union[Path, str]
+    """A prepared directory or an object-store URI of one (s3://bucket/prefix)."""
     weight: float
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _uri_or_path(cls, path: Any) -> Any:
+        return _location(path)
 
     @field_validator("weight")
     @classmethod
@@ -63,8 +77,10 @@ class MixtureEntry(Section):
 
 
 class DataSection(Section):
-    path: Optional[Path] = None
-    """Pretraining: a prepared directory (`llmtrain prepare`). SFT: a JSONL/JSON/Parquet file."""
+    path: Optional[Union[Path, str]] = None
+    """Pretraining: a prepared directory (`llmtrain prepare`), or its object-store URI
+    (s3://bucket/prefix; credentials from the AWS_* environment), read through each node's shard
+    cache (`cache_dir`, `cache_bytes`). SFT: a JSONL/JSON/Parquet file."""
     mixture: list[MixtureEntry] = Field(default_factory=list)
     """Pretraining alternative to `path`: several prepared directories with sampling weights."""
 
@@ -111,7 +127,25 @@ class DataSection(Section):
     val_fraction: float = Field(default=0.05, ge=0, lt=1)
     max_val_examples: int = Field(default=1000, ge=1)
     cache_dir: Optional[Path] = None
-    """Tokenized-data cache, keyed by data + tokenizer + template (default: RUN_DIR/sft-cache)."""
+    """SFT/DPO: the tokenized-data cache, keyed by data + tokenizer + template (default:
+    RUN_DIR/sft-cache). Pretraining from object storage: each node's shard cache, one directory
+    per dataset version (default: ~/.cache/llmtrain/shards; llmtrain/data/shard_cache.py)."""
+    cache_bytes: ByteSize = ByteSize(64 << 30)
+    """Pretraining from object storage: the most each node's cache of the dataset may hold
+    (bytes, or a size such as 200GB or 64GiB). The shuffled training split is cached whole and
+    must fit; validation streams through a window of the next steps."""
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _uri_or_path(cls, path: Any) -> Any:
+        return _location(path)
+
+    @field_validator("cache_bytes")
+    @classmethod
+    def _cache_size(cls, size: int) -> int:
+        if size < 1 << 20:
+            raise ValueError(f"at least 1 MiB ({1 << 20}); give a size such as 200GB or 64GiB")
+        return size
 
     @field_validator("val_path", "tokenizer", "cache_dir")
     @classmethod
@@ -364,10 +398,11 @@ def absolutize_paths(cfg: JobConfig) -> JobConfig:
     """Workers may start in another directory: make every path in the config absolute."""
     cfg = cfg.model_copy(deep=True)
     cfg.run.dir = Path(cfg.run.dir).expanduser().resolve()
-    if cfg.data.path is not None:
+    if isinstance(cfg.data.path, Path):  # a URI (str) stays as it is
         cfg.data.path = Path(cfg.data.path).expanduser().resolve()
     for entry in cfg.data.mixture:
-        entry.path = Path(entry.path).expanduser().resolve()
+        if isinstance(entry.path, Path):
+            entry.path = Path(entry.path).expanduser().resolve()
     if cfg.model.from_:
         cfg.model.from_ = str(Path(cfg.model.from_).expanduser().resolve())
     if cfg.dpo is not None and cfg.dpo.reference:
@@ -462,10 +497,13 @@ def _field_kind(parts: tuple[str, ...]) -> Optional[str]:
         return None
     annotation = fields[parts[-1]].annotation
     members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
-    optional = type(None) in members and len(members) == 2
-    inner = next(a for a in members if a is not type(None)) if optional else annotation
-    if inner in (str, Path) or (
-        getattr(inner, "__origin__", None) is Literal and all(isinstance(v, str) for v in inner.__args__)
+    rest = {a for a in members if a is not type(None)}
+    optional = type(None) in members
+    inner = next(iter(rest)) if optional and len(rest) == 1 else annotation
+    if (
+        inner in (str, Path)
+        or rest == {str, Path}
+        or (getattr(inner, "__origin__", None) is Literal and all(isinstance(v, str) for v in inner.__args__))
     ):
         return "optional text" if optional else "text"
     return "structured"

@@ -28,6 +28,11 @@ Batches (torch int64 [micro_batch_size, seq_len]; zero-copy from numpy):
   prediction is lost; -100 where the target is padding or past the end of the split;
 - `position_ids`: restart at 0 at every document start and at the row start. The model derives
   document ids as cumsum(position_ids == 0) and keeps attention inside documents.
+
+Object storage: a source may be a URI (s3://bucket/prefix) of a prepared dataset, read through
+the node's shard cache (llmtrain/data/shard_cache.py; `cache_dir`, `cache_bytes`). Each step the
+loader tells the cache which shards its rank's next `prefetch_steps` steps read (a pure function
+of (seed, g), like the batches), so the cache fetches them before they are needed.
 """
 
 from __future__ import annotations
@@ -35,24 +40,30 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from llmtrain.data.objstore import is_uri
 from llmtrain.data.sample_order import MixtureSchedule, Permutation, derive_key
 from llmtrain.data.shards import Prepared, Split, open_prepared
 from llmtrain.errors import UserError
 
 IGNORE = -100
 STATE_VERSION = 1
+PREFETCH_STEPS = 8  # steps of samples ahead whose shards a remote source fetches
 Source = Union[str, os.PathLike]
 Sources = Union[Source, Sequence[tuple[Source, float]]]
 
 
-def parse_sources(sources: Sources) -> list[tuple[Path, float]]:
-    """A prepared dir, or [(dir, weight), ...] (also dicts with path/weight) -> [(Path, weight)]."""
+def _location(path: Source) -> Union[Path, str]:
+    return path if is_uri(path) else Path(path)  # a URI stays a string (a Path folds its //)
+
+
+def parse_sources(sources: Sources) -> list[tuple[Union[Path, str], float]]:
+    """A prepared dir or URI, or [(dir, weight), ...] (also dicts with path/weight) -> [(location, weight)]."""
     if isinstance(sources, (str, os.PathLike)):
-        return [(Path(sources), 1.0)]
+        return [(_location(sources), 1.0)]
     parsed = []
     for item in sources:
         if isinstance(item, dict):
@@ -67,7 +78,7 @@ def parse_sources(sources: Sources) -> list[tuple[Path, float]]:
             raise UserError(f"mixture weight for {path} is {weight!r}; give a number > 0") from None
         if not weight > 0 or not np.isfinite(weight):
             raise UserError(f"mixture weight for {path} is {weight}; weights must be > 0 (remove the source instead)")
-        parsed.append((Path(path), weight))
+        parsed.append((_location(path), weight))
     if not parsed:
         raise UserError("empty data mixture; list at least one prepared directory with a weight")
     return parsed
@@ -86,6 +97,9 @@ class TokenLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        cache_dir: Optional[Path] = None,
+        cache_bytes: Optional[int] = None,
+        prefetch_steps: int = PREFETCH_STEPS,
     ):
         if micro_batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise UserError(
@@ -93,16 +107,16 @@ class TokenLoader:
                 f"rank={rank}, world_size={world_size}); all must be >= 1 and 0 <= rank < world_size"
             )
         self.sources = parse_sources(sources)
-        self.data: list[Prepared] = [open_prepared(p) for p, _ in self.sources]
+        self.data: list[Prepared] = [open_prepared(p, cache_dir, cache_bytes) for p, _ in self.sources]
         first = self.data[0]
         for d in self.data[1:]:
             if d.fingerprint != first.fingerprint:
                 raise UserError(
-                    f"{d.dir} was tokenized with a different tokenizer than {first.dir}; prepare every mixture source with the same tokenizer"
+                    f"{d.where} was tokenized with a different tokenizer than {first.where}; prepare every mixture source with the same tokenizer"
                 )
             if d.seq_len != first.seq_len:
                 raise UserError(
-                    f"{d.dir} has seq_len {d.seq_len} but {first.dir} has {first.seq_len}; prepare every mixture source with the same --seq-len"
+                    f"{d.where} has seq_len {d.seq_len} but {first.where} has {first.seq_len}; prepare every mixture source with the same --seq-len"
                 )
         self.split_name = split
         self.splits: list[Split] = [d.split(split) for d in self.data]
@@ -120,6 +134,11 @@ class TokenLoader:
         self.mixture = MixtureSchedule([w for _, w in self.sources], self.seed) if len(self.sources) > 1 else None
         self._sample = 0  # g: global index of the next sample
         self._perms: OrderedDict[tuple[int, int], Permutation] = OrderedDict()
+        # sources in object storage: the cache holds a shuffled split whole, a sequential one in windows
+        self.prefetch_steps = max(1, prefetch_steps)
+        self._remote = [s for s, split in enumerate(self.splits) if split.cache is not None]
+        for s in self._remote:
+            self.splits[s].cache.require(shuffle, self.prefetch_steps * self.global_batch)
 
     # -- the public API ------------------------------------------------------------------------
 
@@ -138,10 +157,23 @@ class TokenLoader:
         """This rank's grad_accum micro-batches of the next global batch."""
         per_rank = self.micro_batch_size * self.grad_accum
         start = self._sample + self.rank * per_rank
-        source, rows = self.rows_for(np.arange(start, start + per_rank, dtype=np.int64))
+        g = np.arange(start, start + per_rank, dtype=np.int64)
+        if self._remote:  # this rank's samples of the next prefetch_steps steps, this step's first
+            g = (g[None, :] + self.global_batch * np.arange(self.prefetch_steps)[:, None]).reshape(-1)
+        source, rows = self.rows_for(g)
+        if self._remote:
+            self._prefetch(source, rows, per_rank)
+            source, rows = source[:per_rank], rows[:per_rank]
         self._sample += self.global_batch
         arrays = self._arrays(source, rows)  # one vectorised pass, then contiguous row slices
         return [self._tensors(arrays, i, i + self.micro_batch_size) for i in range(0, per_rank, self.micro_batch_size)]
+
+    def _prefetch(self, source: np.ndarray, rows: np.ndarray, current: int) -> None:
+        """Tell each remote source's cache the rows of the next steps (`current` of them this step's)."""
+        for s in self._remote:
+            mine = source == s if self.mixture is not None else slice(None)
+            now = int(np.count_nonzero(source[:current] == s)) if self.mixture is not None else current
+            self.splits[s].cache.want(rows[mine], now)
 
     def state_dict(self) -> dict:
         """{seed, epoch, cursor, ...}: the next sample is g = epoch * num_rows + cursor (num_rows

@@ -166,6 +166,7 @@ class Split:
     rows: int = 0
     tokens: int = 0
     first_row: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    cache: Optional[object] = None  # a split in object storage: its shard_cache.SplitCache
 
     def __post_init__(self) -> None:
         counts = np.array([s.rows for s in self.shards], dtype=np.int64)
@@ -181,9 +182,15 @@ class Split:
 
 @dataclass
 class Prepared:
-    dir: Path
+    dir: Path  # the directory with manifest.json and tokenizer/ (for a URI: its local cache)
     manifest: dict
     splits: dict[str, Split]
+    uri: Optional[str] = None  # read from object storage (llmtrain/data/shard_cache.py)
+
+    @property
+    def where(self) -> str:
+        """What messages call the data: the path or URI the user gave."""
+        return self.uri or str(self.dir)
 
     @property
     def seq_len(self) -> int:
@@ -221,7 +228,7 @@ class Prepared:
 
     def split(self, name: str) -> Split:
         if not self.has_split(name):
-            raise UserError(f"{self.dir}: no '{name}' rows (prepare with a larger --val-fraction for val, or more text)")
+            raise UserError(f"{self.where}: no '{name}' rows (prepare with a larger --val-fraction for val, or more text)")
         return self.splits[name]
 
 
@@ -238,8 +245,13 @@ def read_manifest(directory: Path) -> dict:
         raise UserError(f"{directory}: prepared data directory not found; run `llmtrain prepare` first or fix the path")
     if not path.is_file():
         raise UserError(f"{directory}: not a prepared directory (no {MANIFEST}); create it with `llmtrain prepare`")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(text: bytes | str, path: object) -> dict:
+    """The checked manifest from its JSON (`path` names it in errors: a file or a URI)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable manifest ({err}); {_REPREPARE}") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
@@ -281,21 +293,19 @@ def _check_manifest(m: dict) -> None:
             s["file"], int(s["rows"]), int(s["bytes"]), s["sha256"], int(s["tokens"]), int(s["max_token_id"])  # noqa: B018
 
 
-def open_prepared(path: str | os.PathLike) -> Prepared:
-    """Read and check the manifest and memory-map every shard (no token is read)."""
+def open_prepared(path: str | os.PathLike, cache_dir: Optional[Path] = None, cache_bytes: Optional[int] = None) -> Prepared:
+    """Read and check the manifest and memory-map every shard (no token is read). An object-store
+    URI (s3://...) is read through this node's shard cache instead (`cache_dir`, `cache_bytes`:
+    llmtrain/data/shard_cache.py), which maps each shard when a batch first needs it."""
+    from llmtrain.data.objstore import is_uri  # here: objstore imports this module
+
+    if is_uri(path):
+        from llmtrain.data.shard_cache import open_remote  # on use: local data never loads pyarrow.fs
+
+        return open_remote(path, cache_dir, cache_bytes)
     directory = Path(path)
     manifest = read_manifest(directory)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if not dtype_holds(manifest["dtype"], vocab):
-        raise UserError(f"{directory / MANIFEST}: vocab size {vocab} does not fit {manifest['dtype']} tokens; {_REPREPARE}")
-    _check_tokenizer_copy(directory, manifest)
-    for info in manifest["splits"].values():
-        for entry in info["shards"]:
-            if int(entry["max_token_id"]) >= vocab:
-                raise UserError(
-                    f"{directory / entry['file']}: holds token ids up to {int(entry['max_token_id'])} but the manifest's "
-                    f"tokenizer has {vocab} ids (0..{vocab - 1}); {_REPREPARE}"
-                )
+    check_contents(directory, manifest)
     splits = {}
     for name, info in manifest["splits"].items():
         shards = [_open_shard(directory, entry, manifest) for entry in info["shards"]]
@@ -305,6 +315,22 @@ def open_prepared(path: str | os.PathLike) -> Prepared:
                 f"{directory / MANIFEST}: split {name} says {info['rows']} rows but its shards hold {splits[name].rows}; {_REPREPARE}"
             )
     return Prepared(directory, manifest, splits)
+
+
+def check_contents(directory: Path, manifest: dict, where: Optional[str] = None) -> None:
+    """What open checks before any shard: vocabulary vs dtype, the tokenizer copy in `directory`,
+    every shard's max token id (`where`, default `directory`, names the shards in errors)."""
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if not dtype_holds(manifest["dtype"], vocab):
+        raise UserError(f"{directory / MANIFEST}: vocab size {vocab} does not fit {manifest['dtype']} tokens; {_REPREPARE}")
+    _check_tokenizer_copy(directory, manifest)
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if int(entry["max_token_id"]) >= vocab:
+                raise UserError(
+                    f"{where or directory}/{entry['file']}: holds token ids up to {int(entry['max_token_id'])} but the "
+                    f"manifest's tokenizer has {vocab} ids (0..{vocab - 1}); {_REPREPARE}"
+                )
 
 
 def _check_tokenizer_copy(directory: Path, manifest: dict) -> None:
@@ -387,12 +413,12 @@ def check_fits_model(data: Prepared, vocab_size: int, model: str, model_dir: Opt
             tok = load_tokenizer(tok_dir)
             if tok.fingerprint != data.fingerprint:
                 raise UserError(
-                    f"{data.dir} was prepared with another tokenizer (vocab {data.vocab_size}) than {model}'s "
+                    f"{data.where} was prepared with another tokenizer (vocab {data.vocab_size}) than {model}'s "
                     f"(vocab {tok.vocab_size}, another fingerprint); {fix}"
                 )
     if data.max_token_id >= vocab_size:
         raise UserError(
-            f"{data.dir} holds token ids up to {data.max_token_id} but {model} has {vocab_size} token ids "
+            f"{data.where} holds token ids up to {data.max_token_id} but {model} has {vocab_size} token ids "
             f"(0..{vocab_size - 1}); {fix}"
         )
 

@@ -3,7 +3,8 @@
     llmtrain pretrain configs/tiny-pretrain.yaml data.path=data/ run.dir=runs/tiny
     llmtrain pretrain configs/tiny-pretrain.yaml data.path=domain/ model.from=runs/tiny run.dir=runs/tiny-domain
 
-`data.path` (or a weighted `data.mixture`) is read by the deterministic, rank-sharded loader
+`data.path` (or a weighted `data.mixture`: prepared directories, or their s3:// URIs read through
+each node's shard cache) is read by the deterministic, rank-sharded loader
 (llmtrain/data/loader.py); the model is `model.preset` at random init, or, for continued
 (domain-adaptive) pretraining, the weights of `model.from`: one of our runs or checkpoints
 (exported once to RUN_DIR/base/) or a released Hugging Face directory. The data must be prepared
@@ -69,7 +70,7 @@ class PretrainTask(Task):
         elif cfg.data.path is not None:
             sources = str(cfg.data.path)
         else:
-            raise UserError("no training data: set data.path=PREPARED_DIR (from `llmtrain prepare`) or data.mixture")
+            raise UserError("no training data: set data.path=PREPARED_DIR (or s3://..., from `llmtrain prepare`) or data.mixture")
         return TokenLoader(
             sources,
             split=split,
@@ -79,4 +80,6 @@ class PretrainTask(Task):
             world_size=world,
             seed=cfg.run.seed,
             shuffle=shuffle,
+            cache_dir=cfg.data.cache_dir,  # data in object storage: this node's shard cache
+            cache_bytes=int(cfg.data.cache_bytes),
         )
