@@ -222,6 +222,8 @@ def _existing_remote(out: str, build: dict, force: bool) -> str:
     state = objstore.remote_state(out)
     if state == "none":
         return "none"
+    if state == "other":  # objects we did not write: never deleted, even with --force
+        raise UserError(f"{out} holds objects that are not an llmtrain dataset; choose another --output prefix")
     if state == "partial" or force:
         return "replace"
     try:
@@ -273,8 +275,10 @@ def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSet
 
         docs = executor.documents(units, settings, progress)
         totals = merge_stats(executor.stats(docs))
+        phases = {"read+clean+filter": time.time() - started}
         bar.set_postfix_str("dedup", refresh=True)
         dedup = find_duplicates(executor, docs, settings)
+        phases["dedup"] = time.time() - started - sum(phases.values())
         tokens = 0
         bar.reset(total=None)
         bar.unit, bar.unit_scale, bar.desc = "tok", True, "tokenize+pack"
@@ -285,6 +289,8 @@ def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSet
                 bar.update(len(ids))
             rate = tokens / max(time.time() - started, 1e-9)
             bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
+        phases["tokenize+pack"] = time.time() - started - sum(phases.values())
+    print("llmtrain: time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), file=sys.stderr)
     stats = CleanStats(min_chars=settings.min_chars)
     for key in ("documents_read", "dropped_empty", "dropped_short", "nfc_changed", "control_chars_removed"):
         setattr(stats, key, totals.get(key, 0))
