@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from llmtrain.config import load_config
-from llmtrain.data import objstore
+from llmtrain.data import objstore, shard_cache
 from llmtrain.data.loader import TokenLoader
 from llmtrain.data.shard_cache import ShardCache
 from llmtrain.data.shards import open_prepared
@@ -190,13 +191,18 @@ def test_object_changed_after_the_manifest_is_one_line(aws, uploaded, small_prep
     assert "--force" in msg
 
 
-def test_a_shuffled_split_larger_than_the_cache_is_refused(aws, uploaded, small_prepared, tmp_path):
+def test_a_shuffled_split_larger_than_the_cache_is_refused(aws, uploaded, small_prepared, tmp_path, monkeypatch):
     need = shard_bytes(small_prepared, "train")
     with pytest.raises(UserError) as err:
         TokenLoader(uploaded, cache_dir=tmp_path / "c", cache_bytes=need - 1)
     msg = str(err.value)
     assert "\n" not in msg and f"data.cache_bytes={need - 1}" in msg and f">= {need}" in msg and uploaded in msg
-    TokenLoader(uploaded, cache_dir=tmp_path / "c", cache_bytes=need)  # exactly the split: fine
+    loader = TokenLoader(uploaded, cache_dir=tmp_path / "c", cache_bytes=need)  # exactly the split: fine
+    # the node's free disk is checked where batches are drawn (a driver on another machine does not)
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(shard_cache.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(UserError, match=rf"^data.cache_dir={tmp_path / 'c'}: 1000 B free on this node, but caching"):
+        loader.next_step()
 
 
 def test_missing_and_partial_datasets_are_one_line(aws, small_prepared, tmp_path):

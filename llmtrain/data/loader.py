@@ -158,10 +158,12 @@ class TokenLoader:
         per_rank = self.micro_batch_size * self.grad_accum
         start = self._sample + self.rank * per_rank
         g = np.arange(start, start + per_rank, dtype=np.int64)
-        if self._remote:  # this rank's samples of the next prefetch_steps steps, this step's first
+        # remote sources not all here yet: this rank's samples of the next prefetch_steps steps, this step's first
+        ahead = self._remote and not all(self.splits[s].cache.settled for s in self._remote)
+        if ahead:
             g = (g[None, :] + self.global_batch * np.arange(self.prefetch_steps)[:, None]).reshape(-1)
         source, rows = self.rows_for(g)
-        if self._remote:
+        if ahead:
             self._prefetch(source, rows, per_rank)
             source, rows = source[:per_rank], rows[:per_rank]
         self._sample += self.global_batch
@@ -304,6 +306,7 @@ class TokenLoader:
     @staticmethod
     def _fill(shard, out: np.ndarray, r: np.ndarray, input_ids, labels, resets: np.ndarray) -> None:
         """Rows `r` of one shard -> batch rows `out` (vectorised over the rows)."""
+        shard = shard.mapped()  # a shard in object storage: its memory map in the node's cache
         L = input_ids.shape[1]
         block = shard.tokens[r]  # [k, L] gather
         input_ids[out] = block

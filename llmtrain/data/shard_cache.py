@@ -301,12 +301,15 @@ class ShardCache:
                 f"data.cache_bytes={self.cache_bytes} ({human(self.cache_bytes)}) is too small for {self.uri} "
                 f"({splits}): {why}; set data.cache_bytes >= {total} on a disk with the room (data.cache_dir)"
             )
-        have = sum(self._on_disk().values())
+
+    def _check_disk(self) -> None:
+        """(On the first step: where batches are drawn, not on a driver.) The disk has the room."""
+        need = sum(self._needs.values()) - sum(self._on_disk().values())
         free = shutil.disk_usage(self.dir).free
-        if total - have > free:
+        if need > free:
             raise UserError(
-                f"data.cache_dir={self.dir.parent}: {human(free)} free, but caching {self.uri} needs {human(total - have)} more; "
-                "free disk space or set data.cache_dir to a larger disk"
+                f"data.cache_dir={self.dir.parent}: {human(free)} free on this node, but caching {self.uri} needs "
+                f"{human(need)} more; free disk space or set data.cache_dir to a larger disk"
             )
 
     def want(self, split: str, window: list[str], current: list[str]) -> bool:
@@ -319,6 +322,7 @@ class ShardCache:
                 self._used[f] = None
                 self._used.move_to_end(f)
             if not self._threads:
+                self._check_disk()
                 for i in range(FETCH_THREADS):
                     t = threading.Thread(target=self._work, name=f"llmtrain-shard-fetch-{i}", daemon=True)
                     t.start()

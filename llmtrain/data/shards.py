@@ -157,6 +157,10 @@ class Shard:
     real_tokens: int
     next_token: Optional[int]
 
+    def mapped(self) -> Shard:
+        """The shard with its arrays (itself; a shard_cache.CachedShard maps them on first use)."""
+        return self
+
 
 @dataclass
 class Split:
