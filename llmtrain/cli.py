@@ -83,7 +83,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stages",
         metavar="YAML",
-        help="quality / pii / near_dedup settings (see configs/prepare-web.yaml); the flags below switch each on with its defaults",
+        help="quality / pii / minhash settings (see configs/prepare-web.yaml); the flags below switch each on with its defaults",
     )
     p.add_argument("--quality", action="store_true", help="heuristic quality filters (Gopher/C4/FineWeb defaults)")
     p.add_argument("--pii", action="store_true", help="redact e-mails, IPs, phone and card numbers, secrets")
@@ -112,10 +112,10 @@ def _stage_configs(args: argparse.Namespace) -> dict:
             raise UserError(f"--stages {args.stages}: cannot read ({err.strerror}); check the path") from None
         except yaml.YAMLError as err:
             raise UserError(f"--stages {args.stages}: not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
-        unknown = sorted(set(stages) - {"quality", "pii", "near_dedup"}) if isinstance(stages, dict) else ["(not a mapping)"]
+        unknown = sorted(set(stages) - {"quality", "pii", "minhash"}) if isinstance(stages, dict) else ["(not a mapping)"]
         if unknown:
-            raise UserError(f"--stages {args.stages}: unknown section {unknown[0]}; use quality, pii and near_dedup")
-    for flag, key in (("quality", "quality"), ("pii", "pii"), ("near_dedup", "near_dedup")):
+            raise UserError(f"--stages {args.stages}: unknown section {unknown[0]}; use quality, pii and minhash")
+    for flag, key in (("quality", "quality"), ("pii", "pii"), ("near_dedup", "minhash")):
         if getattr(args, flag):
             stages[key] = {**(stages.get(key) or {}), "enabled": True}
     return stages

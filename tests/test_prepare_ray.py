@@ -74,7 +74,7 @@ def reference(corpus_slice, small_tokenizer, tmp_path_factory):
     ]  # fmt: skip
     out = prepare(
         [str(corpus)], small_tokenizer, seq_len=64, output=root / "local", val_fraction=0.05, shard_tokens=20_000,
-        quality=QUALITY, pii={"enabled": True}, near_dedup={"enabled": True},
+        quality=QUALITY, pii={"enabled": True}, minhash={"enabled": True},
     )  # fmt: skip
     return root, common, out, paragraphs
 

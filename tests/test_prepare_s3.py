@@ -87,7 +87,7 @@ def test_ray_data_reads_and_writes_s3_with_the_same_bytes(s3, s3_server, corpus_
     """Ray workers read the inputs from S3 themselves (credentials from the environment only)."""
     corpus = _upload_corpus(s3, corpus_slice)
     reference = prepare(
-        [corpus], small_tokenizer, 64, tmp_path / "ref", val_fraction=0.05, shard_tokens=20_000, near_dedup={"enabled": True}
+        [corpus], small_tokenizer, 64, tmp_path / "ref", val_fraction=0.05, shard_tokens=20_000, minhash={"enabled": True}
     )
     out = s3.uri("data/ray")
     args = ["--input", corpus, "--tokenizer", str(small_tokenizer), "--seq-len", "64", "--output", out, "--val-fraction", "0.05"]

@@ -80,13 +80,13 @@ def prepare(
     dtype: str = "auto",
     quality: QualityConfig | dict | None = None,
     pii: PiiConfig | dict | None = None,
-    near_dedup: MinHashConfig | dict | None = None,
+    minhash: MinHashConfig | dict | None = None,
     executor: Optional[Executor] = None,
 ) -> Path | str:
     """Build the prepared directory (or object-store prefix) `output`; return it. See the module
     docstring. `executor` defaults to this process with `workers` tokenizer threads."""
     _check_args(seq_len, val_fraction, shard_tokens, workers, min_chars, dtype)
-    settings = stage_settings(text_column, min_chars, val_fraction, quality, pii, near_dedup)
+    settings = stage_settings(text_column, min_chars, val_fraction, quality, pii, minhash)
     out = str(output)
     remote = objstore.is_uri(out)
     if remote:
@@ -143,11 +143,11 @@ def prepare(
     return out if remote else Path(out)
 
 
-def stage_settings(text_column, min_chars, val_fraction, quality, pii, near_dedup) -> StageSettings:
+def stage_settings(text_column, min_chars, val_fraction, quality, pii, minhash) -> StageSettings:
     """The stage settings from configs or plain dicts (the YAML/CLI form), each checked."""
     quality = quality if isinstance(quality, QualityConfig) else QualityConfig.from_dict(quality or {})
     pii = pii if isinstance(pii, PiiConfig) else PiiConfig.from_dict(pii or {})
-    near = near_dedup if isinstance(near_dedup, MinHashConfig) else MinHashConfig.from_dict(near_dedup or {})
+    near = minhash if isinstance(minhash, MinHashConfig) else MinHashConfig.from_dict(minhash or {})
     for cfg in (quality, pii, near):
         cfg.check()
     return StageSettings(text_column, min_chars, val_fraction, quality, pii, near)

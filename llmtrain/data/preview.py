@@ -45,7 +45,7 @@ def preview(inputs: Sequence[str], sample: int = 1000, text_column: str = "text"
 
     if sample < 1:
         raise UserError(f"--sample {sample} must be at least 1")
-    s = stage_settings(text_column, min_chars, 0.0, stages.get("quality"), stages.get("pii"), stages.get("near_dedup"))
+    s = stage_settings(text_column, min_chars, 0.0, stages.get("quality"), stages.get("pii"), stages.get("minhash"))
     stats = CleanStats(min_chars=min_chars)
     drops: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
