@@ -18,7 +18,7 @@ from llmtrain.config import load_config
 from llmtrain.data import objstore, shard_cache
 from llmtrain.data.loader import TokenLoader
 from llmtrain.data.shard_cache import ShardCache
-from llmtrain.data.shards import open_prepared
+from llmtrain.data.shards import check_fits_model, open_prepared
 from llmtrain.errors import UserError
 
 
@@ -88,6 +88,10 @@ def test_batches_and_resume_equal_local_disk(aws, uploaded, small_prepared, tmp_
     again = TokenLoader(uploaded, rank=0, cache_dir=tmp_path / "cache", **layout)
     again.load_state_dict(local_state)
     assert same(steps(again, 2), steps(local[0], 2))
+    # messages name the URI; the tokenizer copy is local (and checked)
+    with pytest.raises(UserError, match=f"^{uploaded} holds token ids up to 1999 but model.preset=tiny has 10"):
+        check_fits_model(again.data[0], 10, "model.preset=tiny", None, "fix it")
+    assert again.tokenizer_dir == cache_of(again).dir / "tokenizer" and again.data[0].where == uploaded
     # the training split's cache is a byte-for-byte copy (the val split is fetched when validation reads it)
     cache_of(again).wait_idle()
     for shard in open_prepared(small_prepared).split("train").shards:

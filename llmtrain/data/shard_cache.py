@@ -13,8 +13,11 @@ are, so batches, resume and world-size changes are those of the local directory.
 
 Where. `data.cache_dir` (default $XDG_CACHE_HOME/llmtrain/shards, i.e. ~/.cache/...) holds one
 directory per dataset version, `<name>-<sha256(URI, manifest_sha256)[:16]>`: a re-prepared
-dataset at the same URI gets a new directory, and a complete one is itself a prepared directory
-(`llmtrain verify` reads it). Every training process of a node uses the same directory.
+dataset at the same URI gets a new directory, and once every split is fetched it is itself a
+prepared directory (`llmtrain verify` reads it). Every training process of a node uses the same
+directory. Credentials come only from the node's AWS_* environment (llmtrain/data/objstore.py;
+Ray workers inherit the driver's on the embedded runtime and have their node's on a cluster);
+nothing here writes them anywhere.
 
 Concurrency. One `ShardCache` per process and dataset (train and validation loaders share it).
 Processes of a node coordinate through the files alone: a shard is fetched under an exclusive
@@ -25,9 +28,10 @@ and mtime. A file whose stat does not match its record is hashed again before us
 again if its bytes are wrong (a truncated or overwritten cache file); an object whose bytes
 differ from the manifest twice in a row changed after the manifest was written: a `UserError`.
 
-Eviction. After each fetch, while the directory's shards exceed `data.cache_bytes`, the least
-recently used shard outside every pinned set goes (another process's shards first, oldest
-first). Pinned: the shards the current step maps and the prefetch window, and every shard of a
+Eviction. Before each download, while the directory's shards plus this process's downloads in
+progress and the new one would exceed `data.cache_bytes`, the least recently used shard outside
+every pinned set goes (another process's shards first, oldest first); the tokenizer copy is not
+counted. Pinned: the shards the current step maps and the prefetch window, and every shard of a
 split read in the global shuffle (below). A shard another process evicted while this one maps it
 stays readable (POSIX keeps an unlinked, mapped file) and is fetched again if it is opened anew;
 the ranks of one node step together, so their windows coincide.
@@ -36,15 +40,18 @@ Prefetch. The loader knows the next samples as a pure function of (seed, g): eac
 the cache, through `SplitCache.want`, the shards its rank's next `prefetch_steps` steps read, in
 order of first use. `FETCH_THREADS` threads fetch those first, then the rest of any split that
 is cached whole, so in steady state a step maps only files already here; `stats` counts what
-the consuming thread still had to wait for or fetch itself.
+the consuming thread still had to wait for or fetch itself. Once a split cached whole is all
+here the loader stops telling (`SplitCache.settled`): a warm cache costs a step what local
+memory maps do.
 
 The order and the cache - the decision. The loader's training order is a seeded permutation of
 all rows of the split, so every step reads rows from anywhere: with whole-shard caching, a cache
 smaller than the split would refetch most of the split every epoch (with S shards and a batch
 of B rows, a step touches about min(S, B) of them). So a shuffled split is cached whole: its
 shards are fetched ahead in first-use order and never evicted, and if the split does not fit in
-`data.cache_bytes` (or in the disk's free space) the run is refused up front with one line that
-names both sizes. Sequential reads (validation; `shuffle=False`) stream through a window of the
+`data.cache_bytes` the run is refused up front (on the driver, before any worker starts) with
+one line that names both sizes; a node whose disk lacks the room fails its first step the same
+way. Sequential reads (validation; `shuffle=False`) stream through a window of the
 next `prefetch_steps` steps, so their cache may be much smaller than the split. A shard-block
 shuffle (MosaicML streaming's py1b/py1e: shuffle shard order, then rows inside blocks of a few
 shards, still a pure function of (seed, g)) would stream training data larger than a node's
