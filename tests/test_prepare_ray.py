@@ -140,3 +140,21 @@ def test_a_killed_driver_leaves_no_output_and_the_rerun_completes(reference):
     again = _cli([*common, "--output", str(out), "--executor", "local"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert _files(out) == _files(local)
+
+
+def test_dry_run_counts_what_the_real_run_drops_and_writes_nothing(reference, capfd):
+    from llmtrain.data.preview import preview
+
+    root, _, out, _ = reference
+    counts = preview([str(root / "corpus")], sample=10**9, quality=QUALITY, pii={"enabled": True}, minhash={"enabled": True})
+    report = capfd.readouterr().err
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    for name, n in stages["quality"]["dropped"].items():
+        assert counts.get(f"quality.{name}", 0) == n, name
+    for kind, n in stages["pii"]["redacted"].items():
+        assert counts.get(f"pii.{kind}", 0) == n, kind
+    assert counts["dedup.exact"] == stages["dedup"]["exact_removed"]
+    assert counts["dedup.near"] == stages["dedup"]["near_removed"]
+    assert counts["kept"] == json.loads((out / "manifest.json").read_text())["totals"]["documents"]
+    assert "e.g. Write to user0@example.com" in report and "-> Write to <EMAIL>" in report  # an example, before and after
+    assert not any(p.name.startswith(".") for p in root.iterdir())  # nothing written

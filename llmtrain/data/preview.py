@@ -81,8 +81,8 @@ def preview(inputs: Sequence[str], sample: int = 1000, text_column: str = "text"
     near_pairs: list[tuple[str, str]] = []
     if s.minhash.enabled and kept:
         orders = np.arange(len(kept), dtype=np.int64)
-        keys = minhash.band_keys(minhash.signatures(kept, s.minhash), s.minhash)
-        edges = minhash.candidate_edges(keys.reshape(-1), np.repeat(orders, keys.shape[1]))
+        sigs = minhash.signatures(kept, s.minhash)
+        edges = minhash.candidate_edges(minhash.band_keys(sigs, s.minhash), orders, sigs, s.minhash)  # verified as the run does
         drop, roots = minhash.clusters(edges) if len(edges) else (orders[:0], orders[:0])
         near_pairs = [(kept[int(d)], kept[int(r)]) for d, r in zip(drop, roots)]
         counts["dedup.near"] = len(drop)

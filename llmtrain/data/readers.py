@@ -140,6 +140,7 @@ def list_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.
     for item in inputs:
         if objstore.is_uri(item):
             flush()
+            objstore.check_access(str(item), write=False)  # a dead endpoint fails in seconds, not after the client's retries
             out += [InputFile(r.uri, r.size, r.mtime_ns) for r in objstore.list_files(str(item), KNOWN_SUFFIXES)]
         else:
             local.append(item)
