@@ -173,6 +173,9 @@ class RayExecutor(Executor):
     def __init__(self, workers: Optional[int] = None, cluster: Optional[str] = None, partitions: Optional[int] = None):
         self.cluster = cluster
         self.workers = start_ray(cluster, workers)
+        import ray
+
+        self.nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
         self.partitions = partitions or max(8, 2 * self.workers)
         import ray.data
 

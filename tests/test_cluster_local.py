@@ -399,6 +399,26 @@ def test_submitted_pretraining_runs_one_worker_on_each_node(cluster, tmp_path_fa
     assert "address: auto" in resolved and f"path: {data}" in resolved
 
 
+def test_submitted_prepare_runs_on_both_nodes_and_gives_the_local_bytes(cluster, corpus_slice, small_tokenizer, tmp_path):
+    """`llmtrain submit prepare`: Ray Data on the two nodes (one CPU each) writes the bytes the
+    in-process run writes on one machine, every shard and the manifest."""
+    from llmtrain.data.prepare import prepare
+
+    args = ["--input", str(corpus_slice), "--tokenizer", str(small_tokenizer), "--seq-len", "64", "--shard-tokens", "20000"]
+    args += ["--val-fraction", "0.05", "--near-dedup", "--pii"]
+    reference = prepare(
+        [str(corpus_slice)], small_tokenizer, 64, tmp_path / "local", val_fraction=0.05, shard_tokens=20_000,
+        minhash={"enabled": True}, pii={"enabled": True},
+    )  # fmt: skip
+    out = llmtrain(
+        "submit", "prepare", *args, "--output", str(tmp_path / "cluster"), "--address", JOBS_API, "--follow", timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "on Ray Data with 2 worker(s) on 2 nodes" in out.stdout, out.stdout[-3000:]
+    files = lambda d: {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}  # noqa: E731
+    assert files(tmp_path / "cluster") == files(reference)
+
+
 def test_up_again_is_a_no_op(cluster):
     t0 = time.monotonic()
     again = script("up")

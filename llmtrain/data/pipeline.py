@@ -310,6 +310,7 @@ class Executor:
 
     name = "local"
     workers = 1
+    nodes = 1
 
     def documents(self, units: Sequence[Unit], s: StageSettings, progress: Callable[[int, list[dict]], None]) -> Any:
         raise NotImplementedError

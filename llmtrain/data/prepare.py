@@ -348,7 +348,6 @@ def _manifest(tok: Tokenizer, files: dict, seq_len, dtype, val_fraction, stats, 
                 "pad_id": tok.pad_id,
                 "dir": TOKENIZER_DIR,
                 "files": files,
-                "source": str(tok.path.resolve()),
             },
             "seq_len": seq_len,
             "dtype": dtype,
@@ -405,7 +404,8 @@ def _report(out: str, manifest: dict, stats, seconds: float, executor: Executor)
     total = manifest["totals"]["tokens"]
     mb = stages["bytes_read"] / 1e6
     say(
-        f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s on {executor.name} with {executor.workers} worker(s): "
+        f"wrote {out} ({manifest['dtype']}) in {seconds:.1f}s on {executor.name} with {executor.workers} worker(s) "
+        f"on {executor.nodes} node{'s' if executor.nodes > 1 else ''}: "
         f"{mb / max(seconds, 1e-9):.1f} MB/s, {total / max(seconds, 1e-9) / 1e6:.2f}M tokens/s"
     )
 
