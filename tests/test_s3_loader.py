@@ -124,7 +124,7 @@ def test_validation_streams_through_a_small_cache(aws, uploaded, small_prepared,
     assert cache.stats["evicted"] > 0 and cache.stats["fetched"] >= len(remote.splits[0].shards)
 
 
-def test_prefetch_runs_ahead_of_the_loader(aws, uploaded, tmp_path):
+def test_prefetch_runs_ahead_of_the_loader(aws, uploaded, tmp_path, monkeypatch):
     """In steady state the consuming thread neither fetches nor waits: the prefetch threads have
     every shard by then (the shuffled split is cached whole, first-use order first)."""
     loader = TokenLoader(uploaded, micro_batch_size=8, grad_accum=2, seed=1, cache_dir=tmp_path / "c")
@@ -133,21 +133,31 @@ def test_prefetch_runs_ahead_of_the_loader(aws, uploaded, tmp_path):
     cache.wait_idle()
     assert cache.stats["fetched"] == len(loader.splits[0].shards)
     before = (cache.stats["consumer_fetches"], cache.stats["consumer_waits"])
+
+    class Unreachable:  # the network gone: any request fails
+        def __getattr__(self, name):
+            raise AssertionError(f"a request ({name}) in steady state")
+
+    monkeypatch.setattr(cache, "fs", Unreachable())
+    monkeypatch.setattr(objstore, "remote_state", Unreachable().__getattr__)
     steps(loader, 30)
     assert (cache.stats["consumer_fetches"], cache.stats["consumer_waits"]) == before
     assert cache.stats["fetched"] == len(loader.splits[0].shards)  # nothing fetched twice
+    reopened = TokenLoader(uploaded, micro_batch_size=8, grad_accum=2, seed=1, cache_dir=tmp_path / "c")
+    reopened.load_state_dict(loader.state_dict())  # e.g. the validation loader, or a resumed one: no request either
+    assert same(steps(reopened, 3), steps(loader, 3))
 
 
 def test_sequential_prefetch_keeps_ahead_of_a_slower_consumer(aws, uploaded, small_prepared, tmp_path):
     """Streaming with a cache smaller than the split: a consumer that takes longer per step than
     a fetch never waits after the first step."""
-    kw = dict(split="train", micro_batch_size=8, grad_accum=1, shuffle=False)
+    kw = dict(split="train", micro_batch_size=32, grad_accum=1, shuffle=False)
     loader = TokenLoader(uploaded, cache_dir=tmp_path / "c", cache_bytes=shard_bytes(small_prepared, "train") // 2, **kw)
     cache = cache_of(loader)
     loader.next_step()
     cache.wait_idle()
     before = cache.stats["consumer_fetches"] + cache.stats["consumer_waits"]
-    for _ in range(-(-loader.num_rows // 8) - 1):
+    for _ in range(-(-loader.num_rows // 32) - 1):
         time.sleep(0.02)  # the step's compute
         loader.next_step()
     assert cache.stats["consumer_fetches"] + cache.stats["consumer_waits"] == before

@@ -19,7 +19,8 @@ directory. Credentials come only from the node's AWS_* environment (llmtrain/dat
 Ray workers inherit the driver's on the embedded runtime and have their node's on a cluster);
 nothing here writes them anywhere.
 
-Concurrency. One `ShardCache` per process and dataset (train and validation loaders share it).
+Concurrency. One `ShardCache` per process and dataset (train and validation loaders share it;
+the manifest is read once per process, so reopening the data for validation sends no request).
 Processes of a node coordinate through the files alone: a shard is fetched under an exclusive
 flock of `.state/<file>.lock` (a second process waits, then finds it there), streamed to a
 unique `.<file>.<pid>.<random>.part` while its sha256 is computed, checked against the manifest
@@ -119,25 +120,32 @@ def _join(base: str, name: str) -> str:
 
 
 def open_remote(uri: str, cache_dir: Optional[Path] = None, cache_bytes: Optional[int] = None) -> Prepared:
-    """The prepared dataset at `uri` (s3://bucket/prefix), read through this node's cache."""
+    """The prepared dataset at `uri` (s3://bucket/prefix), read through this node's cache. The
+    manifest is read once per process: opening it again (each validation) sends no request, and
+    the run keeps the dataset version it started with."""
     uri = uri.rstrip("/")
-    state = objstore.remote_state(uri)
-    if state != "dataset":
-        problem = {
-            "partial": f"an upload that did not finish (shards, no {MANIFEST}: the manifest goes last)",
-            "none": "nothing there",
-            "other": f"not a prepared dataset (no {MANIFEST})",
-        }[state]
-        raise UserError(
-            f"{uri}: {problem}; create it with `llmtrain prepare ... --output {uri}` (--force to replace) or fix data.path"
-        )
-    manifest = parse_manifest(objstore.read_bytes(f"{uri}/{MANIFEST}"), f"{uri}/{MANIFEST}")
-    fs, base = objstore.filesystem(uri)
-    key = hashlib.sha256(f"{uri}\n{manifest['manifest_sha256']}".encode()).hexdigest()[:16]
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "data"
-    root = Path(cache_dir or default_cache_dir()).expanduser() / f"{name}-{key}"
-    cache = ShardCache.shared(root, fs, base, uri, manifest, DEFAULT_CACHE_BYTES if cache_bytes is None else int(cache_bytes))
-    cache.fetch_tokenizer()
+    parent = Path(cache_dir or default_cache_dir()).expanduser()
+    with ShardCache._instances_lock:
+        cache = ShardCache._instances.get((uri, parent))
+    if cache is None or cache.closed:
+        state = objstore.remote_state(uri)
+        if state != "dataset":
+            problem = {
+                "partial": f"an upload that did not finish (shards, no {MANIFEST}: the manifest goes last)",
+                "none": "nothing there",
+                "other": f"not a prepared dataset (no {MANIFEST})",
+            }[state]
+            raise UserError(
+                f"{uri}: {problem}; create it with `llmtrain prepare ... --output {uri}` (--force to replace) or fix data.path"
+            )
+        manifest = parse_manifest(objstore.read_bytes(f"{uri}/{MANIFEST}"), f"{uri}/{MANIFEST}")
+        fs, base = objstore.filesystem(uri)
+        key = hashlib.sha256(f"{uri}\n{manifest['manifest_sha256']}".encode()).hexdigest()[:16]
+        name = uri.rsplit("/", 1)[-1] or "data"
+        cache = ShardCache.shared(parent / f"{name}-{key}", fs, base, uri, manifest)
+        cache.fetch_tokenizer()
+    cache.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+    manifest, root = cache.manifest, cache.dir
     check_contents(root, manifest, where=uri)
     splits = {}
     for split_name, info in manifest["splits"].items():
@@ -217,11 +225,12 @@ class SplitCache:
         self.settled = False
         if whole:
             need = self.bytes
-        else:
-            sizes = sorted((int(s.entry["bytes"]) for s in self.split.shards), reverse=True)
-            least = min(s.rows for s in self.split.shards)
-            spanned = min(len(sizes), window_rows // max(least, 1) + 2)
-            need = sum(sizes[:spanned])
+        else:  # the most bytes any run of window_rows consecutive rows touches (from the last row of a shard on)
+            sizes = np.array([int(s.entry["bytes"]) for s in self.split.shards], dtype=np.int64)
+            total = np.concatenate([[0], np.cumsum(sizes)])
+            first = self.split.first_row
+            last = np.searchsorted(first, first[1:] - 1 + window_rows, side="left")  # one past the last shard touched
+            need = int((total[np.minimum(last, len(sizes))] - total[:-1]).max())
         self.cache.require(self.split.name, self.files if whole else None, need)
 
     def want(self, rows: np.ndarray, current: int) -> None:
@@ -243,20 +252,19 @@ class SplitCache:
 class ShardCache:
     """One dataset's directory in this node's cache, as this process uses it (module docstring)."""
 
-    _instances: dict[Path, ShardCache] = {}
+    _instances: dict[tuple[str, Path], ShardCache] = {}  # (URI, cache_dir) -> this process's cache
     _instances_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, root: Path, fs, base: str, uri: str, manifest: dict, cache_bytes: int) -> ShardCache:
-        """This process's cache of `root` (made on first use): train and val loaders share it."""
+    def shared(cls, root: Path, fs, base: str, uri: str, manifest: dict) -> ShardCache:
+        """This process's cache of `uri` in `root` (made on first use): train and val loaders share it."""
         with cls._instances_lock:
-            cache = cls._instances.get(root)
-            if cache is None or cache.closed:
-                cache = cls._instances[root] = cls(root, fs, base, uri, manifest, cache_bytes)
-            cache.cache_bytes = cache_bytes
+            cache = cls._instances.get((uri, root.parent))
+            if cache is None or cache.closed or cache.dir != root:
+                cache = cls._instances[(uri, root.parent)] = cls(root, fs, base, uri, manifest)
             return cache
 
-    def __init__(self, root: Path, fs, base: str, uri: str, manifest: dict, cache_bytes: int):
+    def __init__(self, root: Path, fs, base: str, uri: str, manifest: dict, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.dir, self.fs, self.base, self.uri, self.manifest = Path(root), fs, base, uri, manifest
         self.cache_bytes = cache_bytes
         self.entries = {e["file"]: e for info in manifest["splits"].values() for e in info["shards"]}
@@ -390,8 +398,8 @@ class ShardCache:
         for t in self._threads:
             t.join(timeout=30)
         with self._instances_lock:
-            if self._instances.get(self.dir) is self:
-                del self._instances[self.dir]
+            if self._instances.get((self.uri, self.dir.parent)) is self:
+                del self._instances[(self.uri, self.dir.parent)]
 
     def disk_bytes(self) -> int:
         """Bytes of shard files and partial downloads in this dataset's cache directory now."""
