@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,3 +159,45 @@ def test_dry_run_counts_what_the_real_run_drops_and_writes_nothing(reference, ca
     assert counts["kept"] == json.loads((out / "manifest.json").read_text())["totals"]["documents"]
     assert "e.g. Write to user0@example.com" in report and "-> Write to <EMAIL>" in report  # an example, before and after
     assert not any(p.name.startswith(".") for p in root.iterdir())  # nothing written
+
+
+def _variants(shared_corpus: Path, out: Path, files: int, mb: float = 2.0) -> Path:
+    """`files` text files of ~`mb` MB each: paragraphs of the corpus, each made unique per file."""
+    out.mkdir()
+    paragraphs = [
+        p for f in sorted(shared_corpus.glob("*.txt")) for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()
+    ]
+    per_file = int(mb * 1e6 / (sum(map(len, paragraphs)) / len(paragraphs)))
+    for i in range(files):
+        start = (i * per_file) % len(paragraphs)
+        chosen = [paragraphs[(start + j) % len(paragraphs)] + f" [{i}.{j}]" for j in range(per_file)]
+        (out / f"part-{i:03d}.txt").write_text("\n\n".join(chosen), encoding="utf-8")
+    return out
+
+
+@pytest.mark.slow
+def test_worker_memory_does_not_grow_with_the_corpus(shared_dir, small_tokenizer, tmp_path):
+    """Peak RSS of the processes that run stage A on 1x and 4x the corpus (4 vs 16 files of
+    2 MB, 2 workers, near-dedup on so signatures are kept too): within 1.25x of each other."""
+    from conftest import CORPUS
+
+    peaks = []
+    for n in (4, 16):
+        corpus = _variants(CORPUS, tmp_path / f"in{n}", n)
+        run = _cli(
+            [
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                str(small_tokenizer),
+                "--seq-len",
+                "256",
+                "--output",
+                str(tmp_path / f"out{n}"),
+            ]
+            + ["--near-dedup", "--executor", "ray", "--workers", "2"]
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks.append(float(re.search(r"peak memory of a stage-A process: (\d+) MB", run.stderr).group(1)))
+    print(f"stage-A peak RSS, 1x and 4x the corpus: {peaks} MB")
+    assert peaks[1] <= 1.25 * peaks[0], peaks

@@ -162,19 +162,29 @@ def process_unit(unit: Unit, s: StageSettings) -> Iterator[Any]:
     if texts:
         yield table()
     record = {k: getattr(stats, k) for k in STAT_KEYS}
-    record.update(bytes=unit.file.size, quality=dropped, pii=redacted)
+    record.update(bytes=unit.file.size, quality=dropped, pii=redacted, peak_rss_mb=_peak_rss_mb())
     row = {"order": [-1 - unit.index], "text": [None], "key": [0], "val": [False], "stats": [json.dumps(record)]}
     if s.minhash.enabled:
         row["bands"] = row["sig"] = [None]
     yield pa.table(row, schema=schema)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB): the report shows the largest over the
+    processes that ran stage A; it never enters the manifest (it depends on the machine)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def merge_stats(records: Sequence[dict]) -> dict:
-    """Sum the per-unit stats records (nested dicts of counts)."""
+    """Sum the per-unit stats records (nested dicts of counts; `peak_*` values: the largest)."""
     total: dict = {}
     for r in records:
         for k, v in r.items():
-            if isinstance(v, dict):
+            if k.startswith("peak_"):
+                total[k] = max(total.get(k, 0), v)
+            elif isinstance(v, dict):
                 sub = total.setdefault(k, {})
                 for kk, vv in v.items():
                     sub[kk] = sub.get(kk, 0) + vv

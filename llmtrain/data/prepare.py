@@ -291,6 +291,7 @@ def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSet
             bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
         phases["tokenize+pack"] = time.time() - started - sum(phases.values())
     print("llmtrain: time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), file=sys.stderr)
+    print(f"llmtrain: peak memory of a stage-A process: {totals.get('peak_rss_mb', 0):.0f} MB RSS", file=sys.stderr)
     stats = CleanStats(min_chars=settings.min_chars)
     for key in ("documents_read", "dropped_empty", "dropped_short", "nfc_changed", "control_chars_removed"):
         setattr(stats, key, totals.get(key, 0))
@@ -300,6 +301,7 @@ def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSet
     stats.documents_kept = writers["train"].documents + writers["val"].documents
     stages = {
         "bytes_read": totals.get("bytes", 0),
+        "peak_rss_mb": totals.get("peak_rss_mb", 0.0),
         "quality": {"enabled": settings.quality.enabled, "dropped": totals.get("quality", {})},
         "pii": {"enabled": settings.pii.enabled, "redacted": totals.get("pii", {})},
         "dedup": {"exact_removed": dedup.exact, "near_enabled": settings.minhash.enabled, "near_removed": dedup.near},
@@ -354,7 +356,7 @@ def _manifest(tok: Tokenizer, files: dict, seq_len, dtype, val_fraction, stats, 
             "splits": splits,
             "totals": totals,
             "cleaning": stats.to_dict(),
-            "stages": stages,
+            "stages": {k: v for k, v in stages.items() if k != "peak_rss_mb"},
             "split": {
                 "val_fraction": val_fraction,
                 "unit": "document",
