@@ -22,6 +22,20 @@ def test_every_shipped_config_validates():
         assert isinstance(load_config(path), JobConfig)
 
 
+def test_every_shipped_prepare_preset_validates():
+    """configs/prepare/*.yaml: `llmtrain prepare --stages` files (quality / pii / minhash)."""
+    import yaml
+
+    from llmtrain.data.prepare import stage_settings
+
+    presets = sorted((REPO / "configs" / "prepare").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        stages = yaml.safe_load(path.read_text())
+        s = stage_settings("text", 16, 0.01, stages["quality"], stages["pii"], stages["minhash"])
+        assert s.quality.enabled and s.pii.enabled and s.minhash.enabled
+
+
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         REPO / "configs" / "tiny-pretrain.yaml",
