@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -56,10 +55,8 @@ from llmtrain.data.atomic import atomic_file
 from llmtrain.data.shards import (
     _REPREPARE,
     MANIFEST,
-    SCHEMA_VERSION,
     TOKENIZER_DIR,
-    _check_manifest,
-    manifest_digest,
+    parse_manifest,
 )
 from llmtrain.errors import UserError
 
@@ -578,26 +575,7 @@ def _read_manifest(location: str) -> dict:
             "other": "not a prepared dataset (no manifest.json)",
         }[state]
         raise UserError(f"{location}: {problem}; create it with `llmtrain prepare --output {location}` (--force to replace)")
-    text = read_bytes(where)
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: unreadable manifest ({err}); {_REPREPARE}") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise UserError(
-            f"{where}: manifest schema version {version!r} is not this llmtrain's ({SCHEMA_VERSION}); use the llmtrain "
-            f"that wrote it, or {_REPREPARE}"
-        )
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise UserError(
-            f"{where}: the manifest does not match its own manifest_sha256 (it was edited or is corrupt); restore it or {_REPREPARE}"
-        )
-    try:
-        _check_manifest(manifest)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{where}: malformed manifest ({err!r}); {_REPREPARE}") from None
-    return manifest
+    return parse_manifest(read_bytes(where), where)  # the checks every local reader runs
 
 
 def _check_tokenizer_copy(location: str, manifest: dict) -> None:
