@@ -85,7 +85,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
         metavar="YAML",
         help="quality / pii / minhash settings (see configs/prepare/web.yaml); the flags below switch each on with its defaults",
     )
-    p.add_argument("--quality", action="store_true", help="heuristic quality filters (Gopher/C4/FineWeb defaults)")
+    p.add_argument("--quality", action="store_true", help="heuristic quality filters (Gopher/FineWeb defaults)")
     p.add_argument("--pii", action="store_true", help="redact e-mails, IPs, phone and card numbers, secrets")
     p.add_argument("--near-dedup", action="store_true", help="MinHash LSH near-duplicate removal")
     p.add_argument(
