@@ -115,7 +115,7 @@ CASES = [
     Case(
         "cli-missing-flag",
         ["prepare", "--input", "x", "--tokenizer", "{tok}", "--seq-len", "64"],
-        "prepare: the following arguments are required: --output",
+        "llmtrain prepare needs --output (only --dry-run runs without them)",
     ),
     Case(
         "cli-not-a-number",
