@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from llmtrain.data.atomic import atomic_dir, unchanged_on_error
@@ -48,3 +50,22 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "part").write_text("half")
         raise UserError("stop")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_temp_dir_is_removed_by_the_next_run_and_live_or_foreign_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    orphan = tmp_path / f".out.tmp-{int(dead.stdout)}@{host}-abc123_x"
+    live = tmp_path / f".out.tmp-{os.getpid()}@{host}-def456_y"
+    foreign = tmp_path / f".out.tmp-{int(dead.stdout)}@another-host-ghi789_z"
+    other_target = tmp_path / f".outx.tmp-{int(dead.stdout)}@{host}-jkl012_w"
+    for d in (orphan, live, foreign, other_target):
+        d.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not orphan.exists() and live.exists() and foreign.exists() and other_target.exists()
+    assert (tmp_path / "out" / "f").read_text() == "x"

@@ -138,9 +138,11 @@ def test_a_killed_driver_leaves_no_output_and_the_rerun_completes(reference):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # only the hidden temp dir: nothing named like the output
+    assert [p for p in root.iterdir() if p.name.startswith(".killed-driver.tmp-")]
     again = _cli([*common, "--output", str(out), "--executor", "local"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert _files(out) == _files(local)
+    assert not [p for p in root.iterdir() if p.name.startswith(".killed-driver.tmp-")]  # the rerun removed the dead run's
 
 
 def test_dry_run_counts_what_the_real_run_drops_and_writes_nothing(reference, capfd):

@@ -6,14 +6,20 @@ and renamed when done.
     # data/tiny now exists with everything, or (on any exception) not at all
 
 The temp dir lives beside the target (same filesystem, so the final rename is atomic) and is
-removed on failure, so an interrupted or failed run leaves nothing half-written.
+removed on failure, so an interrupted or failed run leaves nothing half-written. A process
+killed outright (SIGKILL, a lost node) cannot remove it: its name records the owner's pid and
+host, and the next `atomic_dir` for the same target removes the temp dirs of owners on this
+host that are no longer running.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +41,8 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
         raise UserError(f"{target} exists and is not a directory; choose another output path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        _remove_orphans(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}@{socket.gethostname()}-", dir=target.parent))
     except OSError as err:
         raise UserError(f"cannot create {target}: {err.strerror}; choose a writable output directory") from None
     try:
@@ -45,6 +52,27 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete the temp dirs beside `target` whose owner (pid@host in the name) was this host's
+    and no longer runs: what a killed run left."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)@(.+)-[a-z0-9_]+$")
+    host = socket.gethostname()
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        m = pattern.match(sibling.name)
+        if m and m.group(2) == host and sibling.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _commit(tmp: Path, target: Path, replace: bool) -> None:
