@@ -204,3 +204,24 @@ def test_worker_memory_does_not_grow_with_the_corpus(shared_dir, small_tokenizer
         peaks.append(float(re.search(r"peak memory of a stage-A process: (\d+) MB", run.stderr).group(1)))
     print(f"stage-A peak RSS, 1x and 4x the corpus: {peaks} MB")
     assert peaks[1] <= 1.25 * peaks[0], peaks
+
+
+def test_a_large_jsonl_file_read_as_byte_ranges_gives_the_whole_file_bytes(small_tokenizer, corpus_slice, tmp_path):
+    """Stage A cuts a JSON Lines file into byte ranges (units) so that a few large files still
+    spread over the workers; the ranges cover every line once, so the output is the same bytes."""
+    import llmtrain.data.pipeline as pipeline
+    from llmtrain.data.readers import list_inputs
+
+    lines = [json.dumps({"text": p}) for f in sorted(corpus_slice.glob("*.txt")) for p in f.read_text().split("\n\n")]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "all.jsonl").write_text("\n".join(lines) + "\n")
+    whole = prepare([str(tmp_path / "in")], small_tokenizer, 64, tmp_path / "whole", shard_tokens=20_000)
+    original = pipeline.CHUNK_BYTES
+    try:
+        pipeline.CHUNK_BYTES = 10_007  # ranges that begin and end mid-line
+        plan = pipeline.plan_units(list_inputs([str(tmp_path / "in")]), pipeline.CHUNK_BYTES)
+        assert len(plan) > 50
+        ranged = prepare([str(tmp_path / "in")], small_tokenizer, 64, tmp_path / "ranged", shard_tokens=20_000)
+    finally:
+        pipeline.CHUNK_BYTES = original
+    assert _files(ranged) == _files(whole)

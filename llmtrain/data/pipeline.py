@@ -35,10 +35,10 @@ from llmtrain.data import minhash
 from llmtrain.data.clean import CleanStats, clean_text, content_hash, is_val
 from llmtrain.data.pii import PiiConfig, redact
 from llmtrain.data.quality import FILTERS, QualityConfig, quality_reason
-from llmtrain.data.readers import InputFile, iter_documents
+from llmtrain.data.readers import InputFile, iter_documents, splittable
 
 UNIT_SHIFT = 40  # documents per input file < 2^40, input files < 2^23
-TABLE_CHARS = 16 << 20  # characters of text per table out of stage A (bounds a worker's memory)
+TABLE_CHARS = 4 << 20  # characters of text per table out of stage A (bounds a worker's memory)
 STAT_KEYS = (
     "documents_read",
     "dropped_empty",
@@ -66,14 +66,35 @@ class StageSettings:
         return json.loads(json.dumps(asdict(self), default=list))
 
 
+CHUNK_BYTES = 16 << 20  # a JSON Lines file larger than this is read as ranges of this size
+
+
 @dataclass(frozen=True)
 class Unit:
+    """One task of stage A: a file, or the lines beginning in a byte range of a JSON Lines file."""
+
     index: int
     file: InputFile
+    byte_range: Optional[tuple[int, int]] = None
+
+    @property
+    def size(self) -> int:
+        return self.file.size if self.byte_range is None else self.byte_range[1] - self.byte_range[0]
 
 
-def plan_units(files: Sequence[InputFile]) -> list[Unit]:
-    return [Unit(i, f) for i, f in enumerate(files)]
+def plan_units(files: Sequence[InputFile], chunk_bytes: Optional[int] = None) -> list[Unit]:
+    """Stage A's tasks in input order: so that a few large files still spread over every worker,
+    a JSON Lines file is cut into ranges of `chunk_bytes` (a constant: the units, and so the
+    order keys, never depend on the number of workers)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    units: list[Unit] = []
+    for f in files:
+        if splittable(f) and f.size > chunk_bytes:
+            for start in range(0, f.size, chunk_bytes):
+                units.append(Unit(len(units), f, (start, min(start + chunk_bytes, f.size))))
+        else:
+            units.append(Unit(len(units), f))
+    return units
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +161,7 @@ def process_unit(unit: Unit, s: StageSettings) -> Iterator[Any]:
             cols["sig"] = lists(sigs.astype(np.uint32), pa.uint32())
         return pa.table(cols, schema=schema)
 
-    for i, raw in enumerate(iter_documents(unit.file, s.text_column, stats)):
+    for i, raw in enumerate(iter_documents(unit.file, s.text_column, stats, byte_range=unit.byte_range)):
         text = clean_text(raw, stats)
         if text is None:
             continue
@@ -162,7 +183,7 @@ def process_unit(unit: Unit, s: StageSettings) -> Iterator[Any]:
     if texts:
         yield table()
     record = {k: getattr(stats, k) for k in STAT_KEYS}
-    record.update(bytes=unit.file.size, quality=dropped, pii=redacted, peak_rss_mb=_peak_rss_mb())
+    record.update(bytes=unit.size, quality=dropped, pii=redacted, peak_rss_mb=_peak_rss_mb())
     row = {"order": [-1 - unit.index], "text": [None], "key": [0], "val": [False], "stats": [json.dumps(record)]}
     if s.minhash.enabled:
         row["bands"] = row["sig"] = [None]
@@ -359,7 +380,7 @@ class LocalExecutor(Executor):
         for unit in units:
             out = list(process_unit(unit, s))
             tables += out
-            progress(unit.file.size, [r for t in out for r in stats_of(t)])
+            progress(unit.size, [r for t in out for r in stats_of(t)])
         return tables
 
     def stats(self, docs):

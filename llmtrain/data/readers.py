@@ -23,7 +23,9 @@ Directories are searched recursively for these suffixes (hidden files skipped), 
 Compressed files (`.gz`, `.zst`, `.bz2` after the format's suffix, e.g. `part-0.jsonl.zst`) are
 decompressed while streaming. `list_inputs` also takes object-store URIs (`s3://bucket/prefix`,
 `gs://...`, `file://...`, globs in the key), listed and opened through llmtrain.data.objstore
-(pyarrow.fs), so a worker reads its input from wherever it lives.
+(pyarrow.fs), so a worker reads its input from wherever it lives. An uncompressed JSON Lines
+file can also be read as byte ranges (`read_line_range`: the lines that begin in the range), so
+one large file is several tasks of the pipeline; other formats are read whole.
 """
 
 from __future__ import annotations
@@ -192,12 +194,61 @@ def _open(path: Source) -> BinaryIO:
     return pa.input_stream(location, compression=codec)
 
 
-def iter_documents(path: Source, text_column: str, stats: CleanStats, on_bytes: OnBytes = _no_progress) -> Iterator[str]:
-    """Raw documents of one file (see the module docstring for the rules per format)."""
+def splittable(path: Source) -> bool:
+    """JSON Lines read as byte ranges (`iter_documents(byte_range=...)`): uncompressed `.jsonl` /
+    `.ndjson`, whose records are whole lines (a `.json` file may be an array)."""
+    location = _location(path)
+    return format_suffix(location.rsplit("/", 1)[-1]) in {".jsonl", ".ndjson"} and compression_of(location) is None
+
+
+def _open_random(path: Source):
+    location = _location(path)
+    from llmtrain.data import objstore
+
+    if objstore.is_uri(location):
+        fs, inner = objstore.filesystem(location)
+        return fs.open_input_file(inner)
+    return open(location, "rb")
+
+
+def _line_start(f, pos: int) -> int:
+    """The offset of the first line that begins at or after `pos` (the file size if none)."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    at = pos - 1
+    while chunk := f.read(1 << 16):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            return at + newline + 1
+        at += len(chunk)
+    return at
+
+
+def read_line_range(path: Source, start: int, end: int) -> bytes:
+    """The bytes of the whole lines that begin in [start, end): consecutive ranges cover every
+    line of the file exactly once, whichever process reads which."""
+    with _open_random(path) as f:
+        begin, stop = _line_start(f, start), _line_start(f, end)
+        f.seek(begin)
+        return f.read(stop - begin)
+
+
+def iter_documents(
+    path: Source,
+    text_column: str,
+    stats: CleanStats,
+    on_bytes: OnBytes = _no_progress,
+    byte_range: Optional[tuple[int, int]] = None,
+) -> Iterator[str]:
+    """Raw documents of one file (see the module docstring for the rules per format), or of the
+    lines beginning in `byte_range` of a `splittable` file."""
     kind = file_kind(path)
     name = _location(path)
     try:
-        if kind == "parquet":
+        if byte_range is not None:
+            yield from _iter_json_range(path, name, text_column, byte_range)
+        elif kind == "parquet":
             yield from _iter_parquet(path, name, text_column, on_bytes)
         elif kind == "json":
             yield from _iter_json(path, name, text_column, on_bytes)
@@ -358,6 +409,29 @@ def _iter_json(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterat
         ) from None
     finally:
         source.close()
+
+
+def _iter_json_range(src: Source, path: str, column: str, byte_range: tuple[int, int]) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    data = read_line_range(src, *byte_range)
+    if not data.strip():
+        return
+    try:
+        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        bad = first_bad_line(src, column)
+        reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
+        raise UserError(
+            f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
+        ) from None
+    if column not in table.column_names:
+        if byte_range[0] == 0:
+            _column(table.column_names, column, path)
+        yield from ("" for _ in range(table.num_rows))  # a later range whose records all lack it
+        return
+    yield from _strings(table.column(column).to_pylist(), path, column)
 
 
 def _iter_json_array(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterator[str]:
