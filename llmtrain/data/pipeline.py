@@ -38,7 +38,7 @@ from llmtrain.data.quality import FILTERS, QualityConfig, quality_reason
 from llmtrain.data.readers import InputFile, iter_documents, splittable
 
 UNIT_SHIFT = 40  # documents per input file < 2^40, input files < 2^23
-TABLE_CHARS = 4 << 20  # characters of text per table out of stage A (bounds a worker's memory)
+TABLE_CHARS = 16 << 20  # characters of text per table out of stage A (bounds a worker's memory)
 STAT_KEYS = (
     "documents_read",
     "dropped_empty",
