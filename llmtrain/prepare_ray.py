@@ -163,10 +163,6 @@ def _endpoint_sigs(table, endpoints: Any):
     return pa.table({"order": found["order"], "sig": pipeline.lists(found["sig"], pa.uint32())})
 
 
-def _stats_of_block(table) -> list[dict]:
-    return pipeline.stats_of(table)
-
-
 class RayExecutor(Executor):
     name = "Ray Data"
 
@@ -198,7 +194,7 @@ class RayExecutor(Executor):
             zero_copy_batch=True,
             max_retries=3,
         )
-        stats_task = ray.remote(num_cpus=0)(_stats_of_block)
+        stats_task = ray.remote(num_cpus=0)(pipeline.stats_of)
         refs, stats = [], []
         for bundle in ds.iter_internal_ref_bundles():
             for entry, piece in zip(bundle.blocks, bundle.slices):

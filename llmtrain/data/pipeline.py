@@ -376,15 +376,17 @@ class LocalExecutor(Executor):
         self.workers = threads
 
     def documents(self, units, s, progress):
-        tables = []
+        tables, self._stats = [], []
         for unit in units:
             out = list(process_unit(unit, s))
+            records = [r for t in out for r in stats_of(t)]
             tables += out
-            progress(unit.size, [r for t in out for r in stats_of(t)])
+            self._stats += records
+            progress(unit.size, records)
         return tables
 
     def stats(self, docs):
-        return [r for t in docs for r in stats_of(t)]
+        return self._stats
 
     def exact_duplicates(self, docs):
         rows = [key_rows(t, 1) for t in docs]

@@ -46,7 +46,16 @@ from llmtrain.data.atomic import atomic_dir, is_empty_dir
 from llmtrain.data.clean import CleanStats
 from llmtrain.data.minhash import MinHashConfig
 from llmtrain.data.pii import PiiConfig
-from llmtrain.data.pipeline import Executor, LocalExecutor, StageSettings, find_duplicates, merge_stats, plan_units, split_tokens
+from llmtrain.data.pipeline import (
+    STAT_KEYS,
+    Executor,
+    LocalExecutor,
+    StageSettings,
+    find_duplicates,
+    merge_stats,
+    plan_units,
+    split_tokens,
+)
 from llmtrain.data.quality import QualityConfig
 from llmtrain.data.readers import list_inputs
 from llmtrain.data.shard_writer import SplitWriter
@@ -192,12 +201,19 @@ def _existing_output(out: Path, build: dict, force: bool) -> str:
         raise UserError(f"{out} exists and is not a prepared directory; choose another --output")
     if force:
         return "replace"
+    return _against_previous(str(out), manifest_path, manifest_path.read_bytes(), build, lambda: verify(out, quiet=True))
+
+
+def _against_previous(out: str, where, manifest_text: bytes, build: dict, check) -> str:
+    """ "current" or "replace" for an output whose manifest is `manifest_text`: refused when it
+    was built from other inputs or settings; rebuilt when of another schema version or when
+    `check()` (verify) finds it damaged."""
     try:
-        previous = json.loads(manifest_path.read_text()).get("build", {})
+        previous = json.loads(manifest_text).get("build", {})
         inputs, settings = previous.get("inputs"), previous.get("settings", {})
         version = settings.get("schema_version")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise UserError(f"{manifest_path}: unreadable ({err}); pass --force to rebuild it or choose another --output") from None
+        raise UserError(f"{where}: unreadable ({err}); pass --force to rebuild it or choose another --output") from None
     unversioned = lambda d: {k: v for k, v in d.items() if k != "schema_version"}  # noqa: E731
     if inputs != build["inputs"] or unversioned(settings) != unversioned(build["settings"]):
         raise UserError(
@@ -209,7 +225,7 @@ def _existing_output(out: Path, build: dict, force: bool) -> str:
         )
         return "replace"
     try:
-        verify(out, quiet=True)  # up to date only if it is also intact
+        check()  # up to date only if it is also intact
     except UserError as err:
         print(f"llmtrain: {out} is damaged ({err}); rebuilding it", file=sys.stderr)
         return "replace"
@@ -226,21 +242,8 @@ def _existing_remote(out: str, build: dict, force: bool) -> str:
         raise UserError(f"{out} holds objects that are not an llmtrain dataset; choose another --output prefix")
     if state == "partial" or force:
         return "replace"
-    try:
-        previous = json.loads(objstore.read_bytes(f"{out.rstrip('/')}/{MANIFEST}")).get("build", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise UserError(f"{out}/{MANIFEST}: unreadable ({err}); pass --force to rebuild it or choose another --output") from None
-    drop = lambda d: {k: v for k, v in d.items() if k != "schema_version"}  # noqa: E731
-    if previous.get("inputs") != build["inputs"] or drop(previous.get("settings", {})) != drop(build["settings"]):
-        raise UserError(
-            f"{out} holds a dataset prepared from other inputs or settings; pass --force to replace it or choose another --output"
-        )
-    try:
-        objstore.verify_remote(out, quiet=True)
-    except UserError as err:
-        print(f"llmtrain: {out} is damaged ({err}); rebuilding it", file=sys.stderr)
-        return "replace"
-    return "current"
+    where = f"{out.rstrip('/')}/{MANIFEST}"
+    return _against_previous(out, where, objstore.read_bytes(where), build, lambda: objstore.verify_remote(out, quiet=True))
 
 
 def _save_tokenizer(tok: Tokenizer, directory: Path) -> dict[str, str]:
@@ -293,9 +296,7 @@ def _run(files, tok: Tokenizer, seq_len, dtype, shard_tokens, settings: StageSet
     print("llmtrain: time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), file=sys.stderr)
     print(f"llmtrain: peak memory of a stage-A process: {totals.get('peak_rss_mb', 0):.0f} MB RSS", file=sys.stderr)
     stats = CleanStats(min_chars=settings.min_chars)
-    for key in ("documents_read", "dropped_empty", "dropped_short", "nfc_changed", "control_chars_removed"):
-        setattr(stats, key, totals.get(key, 0))
-    for key in ("invalid_utf8_documents", "invalid_utf8_replacements", "long_blocks_split"):
+    for key in STAT_KEYS:
         setattr(stats, key, totals.get(key, 0))
     stats.dropped_duplicate = dedup.exact
     stats.documents_kept = writers["train"].documents + writers["val"].documents

@@ -31,7 +31,7 @@ WIDTH = 160
 
 def _documents(inputs: Sequence[str], text_column: str, stats: CleanStats):
     for f in list_inputs(inputs):
-        yield from ((f.location, raw) for raw in iter_documents(f, text_column, stats))
+        yield from iter_documents(f, text_column, stats)
 
 
 def _show(text: str) -> str:
@@ -52,7 +52,7 @@ def preview(inputs: Sequence[str], sample: int = 1000, text_column: str = "text"
     redactions: dict[str, list[str]] = defaultdict(list)
     kept: list[str] = []
     seen: dict[int, int] = {}
-    for _, raw in islice(_documents(inputs, text_column, stats), sample):
+    for raw in islice(_documents(inputs, text_column, stats), sample):
         before = (stats.dropped_empty, stats.dropped_short)
         text = clean_text(raw, stats)
         if text is None:

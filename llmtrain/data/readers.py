@@ -402,13 +402,16 @@ def _iter_json(src: Source, path: str, column: str, on_bytes: OnBytes) -> Iterat
         if size is not None:
             on_bytes(size - done)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        bad = first_bad_line(src, column)
-        reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
-        raise UserError(
-            f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
-        ) from None
+        raise _not_json_lines(src, path, column, err) from None
     finally:
         source.close()
+
+
+def _not_json_lines(src: Source, path: str, column: str, err: Exception) -> UserError:
+    """pyarrow's JSON error as our line: the 1-based line of the first bad record, found by a rescan."""
+    bad = first_bad_line(src, column)
+    reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
+    return UserError(f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line")
 
 
 def _iter_json_range(src: Source, path: str, column: str, byte_range: tuple[int, int]) -> Iterator[str]:
@@ -421,11 +424,7 @@ def _iter_json_range(src: Source, path: str, column: str, byte_range: tuple[int,
     try:
         table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=16 << 20))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        bad = first_bad_line(src, column)
-        reason = f"line {bad[0]}: {bad[1]}" if bad else str(err).splitlines()[0].split(" in row ")[0]
-        raise UserError(
-            f"{path}: not valid JSON Lines ({reason}); fix the file or convert it to one JSON object per line"
-        ) from None
+        raise _not_json_lines(src, path, column, err) from None
     if column not in table.column_names:
         if byte_range[0] == 0:
             _column(table.column_names, column, path)
